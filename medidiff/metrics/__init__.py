@@ -1,5 +1,6 @@
 """Pure metric functions (segmentation, image quality, fusion) and file-to-file evaluation."""
 
+from medidiff.metrics.image import image_metrics, nmse, psnr, ssim
 from medidiff.metrics.segmentation import (
     dice,
     ensemble_variance,
@@ -19,7 +20,11 @@ __all__ = [
     "fuse_mean_threshold",
     "fuse_staple",
     "hd95",
+    "image_metrics",
+    "nmse",
     "predictive_entropy",
+    "psnr",
     "segmentation_metrics",
+    "ssim",
     "staple",
 ]
