@@ -1,0 +1,380 @@
+"""Read scans into MONAI ``MetaTensor`` s and write results that line up with them.
+
+``read`` returns a channel-first tensor ``(C, *spatial)`` whose ``meta`` carries the voxel-to-world
+``affine`` (RAS, as NIfTI and MONAI use), ``pixdim`` (NIfTI-style, spacing in ``pixdim[1:1+ndim]``),
+``spacing``, ``orientation`` (axis codes such as ``"LAS"``), ``spatial_shape`` and ``filename_or_obj``.
+``write(array, path, like=reference)`` takes that geometry back, so a prediction opens on top of its
+scan in any viewer. In the spirit of nnU-Net's reader/writer pair: the reader returns the properties,
+the writer takes them back.
+
+Formats: NIfTI (nibabel), a DICOM series given as a folder (SimpleITK), other ITK formats
+(``.mha``, ``.nrrd``; SimpleITK) and 2D images (PNG/TIF/GIF/JPEG/BMP via Pillow; ``(C, H, W)``
+with identity affine, spacing 1). Everything a user can get wrong raises
+:class:`~medidiff.errors.MedidiffError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import nibabel as nib
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+from PIL import Image, UnidentifiedImageError
+
+from medidiff.errors import MedidiffError
+
+__all__ = ["read", "write", "write_png", "check_pair", "source_path"]
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+IMAGE_2D_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".bmp")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# Raised by nibabel / gzip / ITK / Pillow on corrupt or truncated files.
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, RuntimeError, UnidentifiedImageError,
+                nib.filebasedimages.ImageFileError)
+
+
+def read(
+    path: str | os.PathLike,
+    *,
+    kind: Literal["image", "label"] = "image",
+    expected_ndim: int | None = None,
+    channels: int | None = None,
+) -> MetaTensor:
+    """Read one scan or 2D image.
+
+    Args:
+        path: a NIfTI file, an ITK image file, a 2D image, or a folder holding one DICOM series.
+        kind: ``"image"`` gives float32; ``"label"`` gives int64 and checks the values are integers.
+        expected_ndim: number of spatial dimensions required (2 or 3); a 4D volume where 3D is
+            expected is an error instead of being read as channels.
+        channels: number of channels required, if known.
+
+    Returns:
+        ``MetaTensor`` of shape ``(C, *spatial)`` with the metadata listed in the module docstring.
+
+    Raises:
+        MedidiffError: missing or unreadable file, empty DICOM folder, NaN/Inf voxels, wrong
+            dimensionality or channel count, non-integer label values.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise MedidiffError("file not found", path)
+    array, affine, extra = _read_any(path)
+    array = _channel_first(array, path, expected_ndim)
+    if channels is not None and array.shape[0] != channels:
+        raise MedidiffError(f"has {array.shape[0]} channel(s) but {channels} expected "
+                            f"(array shape {tuple(array.shape)})", path)
+    return _to_metatensor(_checked_values(array, path, kind), affine, path, extra)
+
+
+def source_path(reference: Any) -> Path | None:
+    """The file a ``MetaTensor`` (or path) was read from, or None when unknown."""
+    if isinstance(reference, (str, os.PathLike)):
+        return Path(reference)
+    name = getattr(reference, "meta", {}).get("filename_or_obj")
+    return Path(name) if isinstance(name, (str, os.PathLike)) and str(name) else None
+
+
+def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Dispatch on the file type; returns (array in file axis order, 4x4 RAS affine, extra meta)."""
+    name = path.name.lower()
+    try:
+        if path.is_dir():
+            return _read_dicom_series(path)
+        if name.endswith(NIFTI_SUFFIXES):
+            img = nib.load(str(path))
+            return np.asanyarray(img.dataobj), img.affine.astype(np.float64), {}
+        if name.endswith(IMAGE_2D_SUFFIXES):
+            return _read_2d(path), np.eye(4), {}
+        if name.endswith(ITK_SUFFIXES) or name.endswith(".dcm"):
+            return _read_itk(sitk.ReadImage(str(path)))
+    except MedidiffError:
+        raise
+    except _READ_ERRORS as err:
+        raise MedidiffError(f"cannot be read, the file looks corrupt or truncated ({err})", path) from None
+    raise MedidiffError(f"unknown file type; expected one of {NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES + ITK_SUFFIXES}"
+                        " or a DICOM folder", path)
+
+
+def _read_2d(path: Path) -> np.ndarray:
+    """Pillow image to ``(H, W)`` (grey) or ``(H, W, 3)`` (colour) — rows first, as on screen."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P", "LA", "PA"):
+            rgb = np.asarray(img.convert("RGB"))
+            grey = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
+            # Palette GIFs and RGB-saved masks are grey in disguise: keep one channel.
+            return rgb[..., 0] if grey and img.mode in ("P", "LA", "PA") else rgb
+        return np.asarray(img.convert("F") if img.mode == "F" else img)
+
+
+def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    reader = sitk.ImageSeriesReader()
+    series = reader.GetGDCMSeriesIDs(str(folder))
+    if not series:
+        raise MedidiffError("no DICOM series found in this folder (empty, or files are not DICOM)", folder)
+    # Several series in one folder: take the one with most slices, the usual intent.
+    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    reader.LoadPrivateTagsOff()
+    array, affine, extra = _read_itk(reader.Execute())
+    if reader.HasMetaDataKey(0, "0008|0060"):
+        extra["modality"] = reader.GetMetaData(0, "0008|0060").strip()
+    extra["dicom_files"] = len(files)
+    return array, affine, extra
+
+
+def _read_itk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray, dict]:
+    """SimpleITK image (LPS, array z-y-x) to an x-y-z array with a RAS affine."""
+    ndim = img.GetDimension()
+    array = sitk.GetArrayFromImage(img)  # (z, y, x[, components])
+    vector = img.GetNumberOfComponentsPerPixel() > 1
+    order = tuple(range(ndim))[::-1] + ((ndim,) if vector else ())
+    array = np.transpose(array, order)
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
+    affine = np.eye(4)
+    affine[:ndim, :ndim] = direction @ np.diag(img.GetSpacing())
+    affine[:ndim, 3] = img.GetOrigin()
+    return array, _LPS_TO_RAS @ affine, {}
+
+
+def _channel_first(array: np.ndarray, path: Path, expected_ndim: int | None) -> np.ndarray:
+    """File layout to ``(C, *spatial)``: NIfTI channels are trailing (4th/5th dim), so are RGB ones."""
+    if array.ndim == 5 and array.shape[3] == 1:  # NIfTI vector image (X, Y, Z, 1, C)
+        array = array[:, :, :, 0]
+    is_2d_file = path.name.lower().endswith(IMAGE_2D_SUFFIXES)
+    if expected_ndim == 2 and not is_2d_file and array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]  # a single-slice volume used as a 2D image
+    spatial = 2 if is_2d_file else min(array.ndim, 3)
+    if array.ndim < 2 or array.ndim > spatial + 1:
+        raise MedidiffError(f"has unsupported array shape {array.shape}", path)
+    if expected_ndim is not None and (spatial != expected_ndim or (not is_2d_file and array.ndim > spatial)):
+        hint = " (a time series or multi-volume file? select one volume)" if array.ndim == 4 else ""
+        raise MedidiffError(f"is a {array.ndim}D array of shape {array.shape} where a {expected_ndim}D "
+                            f"image is expected{hint}", path)
+    return array[None] if array.ndim == spatial else np.moveaxis(array, -1, 0)
+
+
+def _checked_values(array: np.ndarray, path: Path, kind: str) -> np.ndarray:
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.isfinite(array)
+        if not finite.all():
+            nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
+            raise MedidiffError(f"contains {nan} NaN and {inf} infinite voxel(s); fix or mask them first", path)
+    if kind == "label":
+        if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
+            raise MedidiffError("is read as a label map but holds non-integer values", path)
+        return array.astype(np.int64)
+    if kind != "image":
+        raise ValueError(f"kind must be 'image' or 'label', got {kind!r}")
+    return array.astype(np.float32)
+
+
+def _to_metatensor(array: np.ndarray, affine: np.ndarray, path: Path, extra: dict) -> MetaTensor:
+    spatial_ndim = array.ndim - 1
+    spacing = np.sqrt((affine[:spatial_ndim, :spatial_ndim] ** 2).sum(axis=0))
+    pixdim = np.ones(8)
+    pixdim[1 : 1 + spatial_ndim] = spacing
+    meta = {
+        "filename_or_obj": str(path),
+        "original_affine": affine.copy(),
+        "spatial_shape": np.asarray(array.shape[1:]),
+        "original_channel_dim": 0,
+        "pixdim": pixdim,
+        "spacing": tuple(float(s) for s in spacing),
+        "orientation": "".join(nib.aff2axcodes(affine))[:spatial_ndim],
+        "space": "RAS",
+        **extra,
+    }
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=torch.as_tensor(affine), meta=meta)
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def write(
+    array: torch.Tensor | np.ndarray,
+    path: str | os.PathLike,
+    *,
+    like: MetaTensor | str | os.PathLike | None = None,
+    spacing: tuple[float, ...] | None = None,
+) -> Path:
+    """Write a result as NIfTI carrying the reference's geometry.
+
+    Args:
+        array: ``(C, *spatial)`` or ``(*spatial)`` for a single channel; several channels become
+            a 4D NIfTI with channels last. Integer arrays are stored as integers, others as float32.
+        path: output file, ``.nii`` or ``.nii.gz``; parent folders are created.
+        like: reference scan (``MetaTensor`` or a path ``read`` accepts) whose affine is taken back;
+            when None, ``array``'s own affine (if it is a ``MetaTensor``) or identity is used.
+        spacing: new voxel size for a resampled output (super-resolution): the direction is kept,
+            the voxel size replaced and the origin moved so the field of view's outer edges stay put.
+
+    Returns:
+        the path written.
+    """
+    path = Path(path)
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise MedidiffError("output must be a NIfTI file ending in .nii or .nii.gz", path)
+    reference = like if like is not None else (array if isinstance(array, MetaTensor) else None)
+    _refuse_overwrite(path, source_path(reference))
+    data = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array)
+    affine, ref_shape = _reference_geometry(reference)
+    data = _drop_channel_axis(data, ref_shape, resampled=spacing is not None, path=path)
+    if spacing is not None:
+        affine = respaced_affine(affine, spacing)
+    data = data.astype(np.float32) if not np.issubdtype(data.dtype, np.integer) else _small_int(data)
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)  # both forms, code "scanner", so ITK-based viewers agree
+    image.set_sform(affine, code=1)
+    _atomic_save(path, lambda tmp: nib.save(image, tmp))
+    return path
+
+
+def _drop_channel_axis(data: np.ndarray, ref_shape: tuple[int, ...] | None, *, resampled: bool,
+                       path: Path) -> np.ndarray:
+    """``(C, *spatial)`` or ``(*spatial)`` to NIfTI layout ``(*spatial[, C])``, checked against the reference."""
+    if ref_shape is None:  # no reference: up to 3 dims are spatial, a 4th leading one is channels
+        channel_first = data.ndim == 4
+    elif data.shape == ref_shape or (resampled and data.ndim == len(ref_shape)):
+        channel_first = False
+    elif data.shape[1:] == ref_shape or (resampled and data.ndim == len(ref_shape) + 1):
+        channel_first = True
+    else:
+        raise MedidiffError(f"array shape {data.shape} does not match the reference grid {ref_shape}; invert "
+                            "the transforms first, or pass spacing= for a resampled output", path)
+    if not channel_first:
+        return data
+    return data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
+
+
+def write_png(array2d: torch.Tensor | np.ndarray, path: str | os.PathLike,
+              *, value_range: tuple[float, float] | None = None) -> Path:
+    """Write a 2D preview PNG.
+
+    Args:
+        array2d: ``(H, W)``, ``(1, H, W)`` or ``(3, H, W)``; rows first, as ``read`` returns 2D images.
+        path: output ``.png``.
+        value_range: intensities mapped to 0..255; default: the array's min and max (uint8 as is).
+    """
+    data = np.asarray(array2d.detach().cpu() if isinstance(array2d, torch.Tensor) else array2d)
+    if data.ndim == 3:
+        data = data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
+    if data.ndim not in (2, 3) or (data.ndim == 3 and data.shape[-1] != 3):
+        raise ValueError(f"write_png needs (H, W), (1, H, W) or (3, H, W), got shape {np.shape(array2d)}")
+    if data.dtype != np.uint8 or value_range is not None:
+        lo, hi = value_range or (float(np.nanmin(data)), float(np.nanmax(data)))
+        data = np.clip((data.astype(np.float64) - lo) / max(hi - lo, 1e-12), 0, 1)
+        data = np.round(np.nan_to_num(data) * 255).astype(np.uint8)
+    path = Path(path)
+    _atomic_save(path, lambda tmp: Image.fromarray(data).save(tmp, format="PNG"))
+    return path
+
+
+def respaced_affine(affine: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Affine with the same direction and field-of-view edge but a new voxel size.
+
+    Voxel centres sit half a voxel inside the field-of-view edge, so the origin (centre of voxel 0)
+    moves by ``direction * (new - old) / 2``.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    n = len(spacing)
+    old = np.sqrt((affine[:n, :n] ** 2).sum(axis=0))
+    direction = affine[:n, :n] / old
+    out = affine.copy()
+    out[:n, :n] = direction * np.asarray(spacing, dtype=np.float64)
+    out[:n, 3] = affine[:n, 3] + direction @ ((np.asarray(spacing) - old) / 2)
+    return out
+
+
+def check_pair(image: MetaTensor, label: MetaTensor, *, atol: float = 1e-3) -> None:
+    """Check that an image and its label map share one voxel grid.
+
+    Args:
+        image: ``(C, *spatial)`` as returned by :func:`read`.
+        label: ``(1, *spatial)``.
+        atol: tolerance on affine entries, in mm.
+
+    Raises:
+        MedidiffError: naming the label file, when spatial shapes or affines differ.
+    """
+    where = source_path(label)
+    other = source_path(image)
+    if tuple(image.shape[1:]) != tuple(label.shape[1:]):
+        raise MedidiffError(f"label shape {tuple(label.shape[1:])} differs from image shape "
+                            f"{tuple(image.shape[1:])} ({other})", where)
+    a, b = _reference_affine(image), _reference_affine(label)
+    if not np.allclose(a, b, atol=atol):
+        raise MedidiffError(f"label affine differs from the image's ({other}); they are not on the same grid:\n"
+                            f"image\n{np.round(a, 4)}\nlabel\n{np.round(b, 4)}", where)
+
+
+def _reference_affine(reference: Any) -> np.ndarray:
+    return _reference_geometry(reference)[0]
+
+
+def _reference_geometry(reference: Any) -> tuple[np.ndarray, tuple[int, ...] | None]:
+    """(4x4 affine, spatial shape) of a MetaTensor or a file; identity and None when unknown."""
+    if reference is None:
+        return np.eye(4), None
+    if isinstance(reference, (str, os.PathLike)):
+        path = Path(reference)
+        if path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file():
+            try:
+                header = nib.load(str(path))  # header only: no voxel data read
+            except _READ_ERRORS as err:
+                raise MedidiffError(f"cannot be read ({err})", path) from None
+            return header.affine.astype(np.float64), tuple(header.shape[:3])
+        reference = read(path)
+    affine = getattr(reference, "affine", None)
+    shape = tuple(reference.shape[1:]) if hasattr(reference, "shape") else None
+    return (np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)), shape
+
+
+def _small_int(data: np.ndarray) -> np.ndarray:
+    for dtype in (np.uint8, np.int16, np.int32):
+        if data.min() >= np.iinfo(dtype).min and data.max() <= np.iinfo(dtype).max:
+            return data.astype(dtype)
+    return data.astype(np.int64)
+
+
+def _refuse_overwrite(path: Path, source: Path | None) -> None:
+    if source is None or not source.exists():
+        return
+    target = path.resolve()
+    if source.is_dir() and source.resolve() in target.parents:
+        raise MedidiffError(f"refusing to write into the input DICOM folder {source}", path)
+    if target == source.resolve() or (path.exists() and os.path.samefile(path, source)):
+        raise MedidiffError("refusing to overwrite the input file; choose another output path", path)
+
+
+def _atomic_save(path: Path, save: Callable[[str], None]) -> None:
+    """Save through a temporary file in the same folder, then rename: readers never see half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MedidiffError(f"cannot create the output folder ({err.strerror})", path.parent) from None
+    if not os.access(path.parent, os.W_OK):
+        raise MedidiffError("output folder is not writable", path.parent)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as err:
+        raise MedidiffError(f"output folder is not writable ({err.strerror})", path.parent) from None
+    os.close(fd)
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
