@@ -1,0 +1,312 @@
+"""File-to-file evaluation: folders of predictions against folders of references, per case and summary.
+
+Every evaluator returns (and, given ``out_json``, writes) ::
+
+    {"task": ..., "settings": {...},
+     "cases":   [{"case": name, "pred": path, "ref": path, <metric>: value, ...}, ...],
+     "summary": {<metric>: {"mean", "std", "median", "n", "n_nan", "n_inf"}}}
+
+* **Pairing rule.** A file's case name is its name without the image extension (``.nii.gz``, ``.nii``,
+  ``.png``, ``.tif``, ``.gif``, ``.mha``, ...) and then without any trailing suffixes from ``suffixes``,
+  stripped repeatedly (default :data:`CASE_SUFFIXES`: ``_seg``, ``_pred``, ``_label``, ``_mask``, ``_gt``,
+  ``_fused``, ``_manual1``, ``_test``, ...). So ``01_test.png``, ``01_manual1.gif`` and ``01_test_mask.gif``
+  (DRIVE) are all case ``01``, and ``liver_007_seg.nii.gz`` pairs with ``liver_007.nii.gz``. Files of other
+  types and hidden files are ignored. A case without a partner in any folder, two files with one case name,
+  a shape, spacing or orientation mismatch each raise :class:`~medidiff.errors.MedidiffError` naming the
+  file.
+* **Geometry** comes from the files through :func:`medidiff.io.read` (NIfTI/ITK header; 1.0 for 2D images):
+  HD95 is in millimetres for scans, in pixels for PNGs.
+* **JSON.** NaN and infinities are written as ``null`` (strict JSON). The summary statistics use the finite
+  values only; ``n`` counts them, ``n_nan`` and ``n_inf`` count the rest (for segmentation: a class absent
+  from both masks, and a missed or hallucinated structure, whose HD95 is ``inf`` and Dice 0). ``std`` is the
+  sample standard deviation (ddof = 1; null when n < 2). The file is written atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medidiff.errors import MedidiffError
+from medidiff.io import IMAGE_2D_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, read
+from medidiff.metrics.fusion import fusion_metrics
+from medidiff.metrics.image import image_metrics
+from medidiff.metrics.segmentation import segmentation_metrics
+
+__all__ = ["CASE_SUFFIXES", "case_name", "evaluate_segmentation", "evaluate_image", "evaluate_fusion"]
+
+CASE_SUFFIXES = ("_seg", "_pred", "_prediction", "_label", "_labels", "_mask", "_gt", "_ref", "_fused",
+                 "_fusion", "_manual1", "_test", "_training")
+_EXTENSIONS = tuple(sorted(NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES + ITK_SUFFIXES, key=len, reverse=True))
+_LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, the Y of YCbCr that colour fusion works on
+
+
+def case_name(filename: str, suffixes: Sequence[str] = CASE_SUFFIXES) -> str | None:
+    """Case name of an image file per the pairing rule, or None when it is not an image file."""
+    lower = filename.lower()
+    ext = next((e for e in _EXTENSIONS if lower.endswith(e)), None)
+    if ext is None or filename.startswith("."):
+        return None
+    name = filename[: -len(ext)]
+    stripped = True
+    while stripped:
+        stripped = False
+        for suffix in suffixes:
+            if name.lower().endswith(suffix.lower()) and len(name) > len(suffix):
+                name, stripped = name[: -len(suffix)], True
+    return name
+
+
+def _index(folder: str | os.PathLike, suffixes: Sequence[str]) -> dict[str, Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MedidiffError("folder not found", folder)
+    cases: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        name = case_name(path.name, suffixes) if path.is_file() else None
+        if name is None:
+            continue
+        if name in cases:
+            raise MedidiffError(f"two files map to case '{name}': {cases[name].name} and {path.name}; "
+                                "rename one (see the pairing rule in medidiff.metrics.evaluate)", path)
+        cases[name] = path
+    return cases
+
+
+def _pair(folders: Mapping[str, str | os.PathLike], suffixes: Sequence[str]) -> list[tuple[str, dict[str, Path]]]:
+    """Match the files of several folders by case name; the first folder is the one being evaluated."""
+    indexes = {role: _index(folder, suffixes) for role, folder in folders.items()}
+    first = next(iter(folders))
+    if not indexes[first]:
+        raise MedidiffError("no image files found", folders[first])
+    names = set().union(*(idx.keys() for idx in indexes.values()))
+    for name in sorted(names):
+        have = {role for role, idx in indexes.items() if name in idx}
+        for role in folders:
+            if role not in have:
+                where = indexes[sorted(have)[0]][name]
+                raise MedidiffError(f"case '{name}' has no {role} file in {folders[role]}", where)
+    return [(name, {role: indexes[role][name] for role in folders}) for name in sorted(names)]
+
+
+def _check_geometry(images: Mapping[str, Any], paths: Mapping[str, Path]) -> None:
+    """Same spatial shape, spacing and orientation as the first image, else an error naming the file."""
+    roles = list(images)
+    ref = images[roles[0]]
+    for role in roles[1:]:
+        img, path = images[role], paths[role]
+        if tuple(img.shape[1:]) != tuple(ref.shape[1:]):
+            raise MedidiffError(f"shape {tuple(img.shape[1:])} differs from the {roles[0]}'s "
+                                f"{tuple(ref.shape[1:])} ({paths[roles[0]]})", path)
+        if not np.allclose(img.meta["spacing"], ref.meta["spacing"], rtol=1e-4, atol=1e-4):
+            raise MedidiffError(f"spacing {img.meta['spacing']} differs from the {roles[0]}'s "
+                                f"{ref.meta['spacing']} ({paths[roles[0]]})", path)
+        if img.meta["orientation"] != ref.meta["orientation"]:
+            raise MedidiffError(f"orientation {img.meta['orientation']} differs from the {roles[0]}'s "
+                                f"{ref.meta['orientation']} ({paths[roles[0]]})", path)
+
+
+def _single_channel(img: Any, path: Path) -> np.ndarray:
+    if img.shape[0] != 1:
+        raise MedidiffError(f"has {img.shape[0]} channels where one is expected", path)
+    return np.asarray(img[0])
+
+
+def _run(
+    task: str,
+    folders: Mapping[str, str | os.PathLike],
+    kinds: Mapping[str, str],
+    score: Callable[[dict[str, Any], dict[str, Path]], dict[str, float]],
+    settings: dict[str, Any],
+    suffixes: Sequence[str],
+) -> dict[str, Any]:
+    """Pair, read, check geometry, score each case, summarise."""
+    cases = []
+    for name, paths in _pair(folders, suffixes):
+        images = {role: read(paths[role], kind=kinds[role]) for role in paths}
+        _check_geometry(images, paths)
+        first = next(iter(paths))
+        try:
+            values = score(images, paths)
+        except ValueError as err:  # a metric refused the data (range, size): the user's input
+            raise MedidiffError(str(err), paths[first]) from None
+        cases.append({"case": name, **{role: str(p) for role, p in paths.items()}, **values})
+    return {"task": task, "settings": settings, "cases": cases, "summary": _summary(cases, set(folders))}
+
+
+def _finish(result: dict[str, Any], out_json: str | os.PathLike | None) -> dict[str, Any]:
+    if out_json is not None:
+        _write_json(result, Path(out_json))
+    return result
+
+
+def _summary(cases: list[dict[str, Any]], path_keys: set[str]) -> dict[str, dict[str, float]]:
+    keys = [k for k in cases[0] if k != "case" and k not in path_keys]
+    for case in cases[1:]:
+        keys += [k for k in case if k not in keys and k != "case" and k not in path_keys]
+    out = {}
+    for key in keys:
+        values = np.array([c.get(key, math.nan) for c in cases], dtype=float)
+        finite = values[np.isfinite(values)]
+        out[key] = {
+            "mean": float(finite.mean()) if finite.size else math.nan,
+            "std": float(finite.std(ddof=1)) if finite.size > 1 else math.nan,
+            "median": float(np.median(finite)) if finite.size else math.nan,
+            "n": int(finite.size),
+            "n_nan": int(np.isnan(values).sum()),
+            "n_inf": int(np.isinf(values).sum()),
+        }
+    return out
+
+
+def _strict(obj: Any) -> Any:
+    """NaN and infinities to None, recursively, for strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    return obj
+
+
+def _write_json(result: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_strict(result), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def evaluate_segmentation(
+    pred_dir: str | os.PathLike,
+    ref_dir: str | os.PathLike,
+    *,
+    labels: dict[str, int] | None = None,
+    region_dir: str | os.PathLike | None = None,
+    out_json: str | os.PathLike | None = None,
+    suffixes: Sequence[str] = CASE_SUFFIXES,
+) -> dict[str, Any]:
+    """Per-class Dice and HD95 (mm) of label-map files against reference label maps.
+
+    Args:
+        pred_dir, ref_dir: folders of label maps ``(*spatial)`` (NIfTI, PNG, ...), paired by case name.
+        labels: foreground classes ``{name: value}`` (e.g. from the data card). None: every non-zero value
+            found in a case's reference or prediction, named by its value; a class absent from a case is
+            then NaN there, exactly as if it had been listed.
+        region_dir: optional masks (non-zero = inside) restricting the evaluation, e.g. DRIVE's field of view.
+        out_json: where to write the result.
+        suffixes: case-name suffixes to strip (see the pairing rule).
+
+    Returns:
+        Result dict with ``dice_<class>``, ``hd95_<class>``, ``dice_mean``, ``hd95_mean`` per case.
+    """
+    folders = {"pred": pred_dir, "ref": ref_dir} | ({"region": region_dir} if region_dir is not None else {})
+
+    def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
+        pred, ref = _single_channel(images["pred"], paths["pred"]), _single_channel(images["ref"], paths["ref"])
+        region = _single_channel(images["region"], paths["region"]) > 0 if "region" in images else None
+        present = labels if labels is not None else sorted((set(np.unique(pred)) | set(np.unique(ref))) - {0})
+        return segmentation_metrics(pred, ref, present, spacing=images["ref"].meta["spacing"], region=region)
+
+    kinds = {"pred": "label", "ref": "label", "region": "label"}
+    settings = {"labels": labels, "region_dir": None if region_dir is None else str(region_dir),
+                "hd_percentile": 95, "both_empty": "nan", "one_empty_hd95": "inf"}
+    result = _run("segmentation", folders, kinds, score, settings, suffixes)
+    if labels is None:
+        _fill_absent(result)
+    return _finish(result, out_json)
+
+
+def _fill_absent(result: dict[str, Any]) -> None:
+    """With inferred labels, a class missing from a case was absent from both masks: NaN there."""
+    keys = list(result["summary"])
+    for case in result["cases"]:
+        for key in keys:
+            case.setdefault(key, math.nan)
+    result["summary"] = _summary(result["cases"], {"pred", "ref", "region"})
+
+
+def evaluate_image(
+    pred_dir: str | os.PathLike,
+    ref_dir: str | os.PathLike,
+    *,
+    data_range: float,
+    metrics: tuple[str, ...] = ("psnr", "ssim", "nmse"),
+    out_json: str | os.PathLike | None = None,
+    suffixes: Sequence[str] = CASE_SUFFIXES,
+) -> dict[str, Any]:
+    """PSNR, SSIM and NMSE of restored / super-resolved images against references, 2D or 3D.
+
+    Args:
+        pred_dir, ref_dir: folders of single-channel images, paired by case name.
+        data_range: intensity range of the scale (max - min), from the data card.
+        metrics: any of "psnr", "ssim", "nmse".
+        out_json: where to write the result.
+        suffixes: case-name suffixes to strip.
+    """
+
+    def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
+        pred, ref = _single_channel(images["pred"], paths["pred"]), _single_channel(images["ref"], paths["ref"])
+        return image_metrics(pred, ref, data_range=data_range, metrics=metrics)
+
+    settings = {"data_range": data_range, "metrics": list(metrics)}
+    folders = {"pred": pred_dir, "ref": ref_dir}
+    return _finish(_run("image", folders, dict.fromkeys(folders, "image"), score, settings, suffixes), out_json)
+
+
+def _grey_2d(img: Any, path: Path) -> np.ndarray:
+    """``(1|3, *spatial)`` to a 2D grey image; colour becomes its BT.601 luminance (unrounded)."""
+    data = np.asarray(img, dtype=np.float64)
+    if data.shape[0] == 3:
+        data = np.tensordot(_LUMA, data, axes=1)[None]
+    data = data[0]
+    if data.ndim > 2:  # a 2D slice stored as a one-slice volume
+        data = data.reshape([s for s in data.shape if s > 1])
+    if data.ndim != 2:
+        raise MedidiffError(f"fusion metrics need a 2D image, got spatial shape {tuple(img.shape[1:])}", path)
+    return data
+
+
+def evaluate_fusion(
+    pred_dir: str | os.PathLike,
+    source_a_dir: str | os.PathLike,
+    source_b_dir: str | os.PathLike,
+    out_json: str | os.PathLike | None = None,
+    *,
+    suffixes: Sequence[str] = CASE_SUFFIXES,
+) -> dict[str, Any]:
+    """EN, SD, SF, MI, SSIM, Qabf and VIF of fused images against their two sources.
+
+    Args:
+        pred_dir: fused 2D images on the 8-bit scale (PNG as written by the fusion task; colour is scored
+            on its luminance).
+        source_a_dir, source_b_dir: the registered sources (e.g. CT/PET and MRI), same case names.
+        out_json: where to write the result.
+        suffixes: case-name suffixes to strip.
+
+    Returns:
+        Result dict; cases carry ``pred``, ``source_a``, ``source_b`` paths and the metrics of
+        :func:`medidiff.metrics.fusion.fusion_metrics` (conventions there: MI in nats, VIF summed).
+    """
+    folders = {"pred": pred_dir, "source_a": source_a_dir, "source_b": source_b_dir}
+
+    def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
+        grey = {role: _grey_2d(images[role], paths[role]) for role in images}
+        return fusion_metrics(grey["pred"], grey["source_a"], grey["source_b"])
+
+    settings = {"scale": "8-bit [0, 255]", "mi": "sum over sources, nats", "ssim": "sum over sources",
+                "vif": "sum over sources"}
+    return _finish(_run("fusion", folders, dict.fromkeys(folders, "image"), score, settings, suffixes), out_json)
