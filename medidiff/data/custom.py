@@ -1,0 +1,210 @@
+"""Dictionary transforms MONAI does not provide: card-driven loading, label remapping, tissue labels
+derived from probability maps, channel selection, RGB -> luma/chroma and seeded degradation.
+
+All keep ``MetaTensor`` metadata; none changes geometry, so MONAI's inverse of the geometric
+transforms around them is unaffected.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Randomizable
+
+from medidiff import io
+from medidiff.data.cards import DataCard
+from medidiff.errors import MedidiffError
+
+# ITU-R BT.601 full-range RGB <-> YCbCr, for images in [0, 1].
+_RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+
+
+def rgb_to_ycbcr(rgb: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
+    """RGB in [0, 1] to YCbCr with Cb, Cr centred on 0.5 (BT.601, full range).
+
+    Args:
+        rgb: ``(3, *spatial)``, or ``(B, 3, *spatial)`` with ``channel_dim=1``.
+    """
+    return _apply_matrix(_RGB_TO_YCBCR.to(rgb), rgb, channel_dim) + _centre(rgb, channel_dim)
+
+
+def ycbcr_to_rgb(ycbcr: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
+    """Inverse of :func:`rgb_to_ycbcr`: recombine a (fused) luma with the original chroma.
+
+    Args:
+        ycbcr: ``(3, *spatial)`` (luma then Cb, Cr), or ``(B, 3, *spatial)`` with ``channel_dim=1``.
+    """
+    inverse = torch.linalg.inv(_RGB_TO_YCBCR.double()).to(ycbcr)
+    return _apply_matrix(inverse, ycbcr - _centre(ycbcr, channel_dim), channel_dim)
+
+
+def _centre(x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    shape = [1] * x.ndim
+    shape[channel_dim] = 3
+    return torch.tensor([0.0, 0.5, 0.5], dtype=x.dtype, device=x.device).view(shape)
+
+
+def _apply_matrix(matrix: torch.Tensor, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    if x.shape[channel_dim] != 3:
+        raise ValueError(f"expected 3 colour channels along dim {channel_dim}, got shape {tuple(x.shape)}")
+    return torch.tensordot(matrix, x.movedim(channel_dim, 0), dims=1).movedim(0, channel_dim)
+
+
+def case_seed(base_seed: int, data: Mapping) -> int:
+    """A stable per-case (and per-slice) seed, so validation/test degradations never change between runs."""
+    key = f"{data.get('id', '')}/{int(data.get('slice_index', -1))}"
+    return (base_seed * 1_000_003 + zlib.crc32(key.encode())) % (2**31 - 1)
+
+
+class LoadCased(MapTransform):
+    """Read every file of a card's case with :func:`medidiff.io.read`, checked against the card.
+
+    Image keys (``card.inputs``) must have the card's channel count; ``label`` / ``fov`` are read as
+    label maps; any other key (e.g. probability maps for ``derive``) as single-channel images.
+    """
+
+    def __init__(self, card: DataCard, keys: Sequence[str], inputs: Mapping[str, Any] | None = None):
+        super().__init__(keys, allow_missing_keys=True)
+        self.card = card
+        self.inputs = dict(inputs if inputs is not None else card.inputs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if not isinstance(d[key], (str, bytes)) and hasattr(d[key], "shape"):
+                continue  # already loaded (cached or in-memory data)
+            spec = self.inputs.get(key)
+            channels = len(spec.channels) if spec else 1
+            # Multi-channel volumes are 4D on disk, so only single-channel ones can be held to 3D.
+            ndim = self.card.spatial_dims if channels == 1 or self.card.spatial_dims == 2 else None
+            kind = "label" if key in ("label", "fov") else "image"
+            d[key] = io.read(d[key], kind=kind, expected_ndim=ndim, channels=channels)
+        return d
+
+
+class SelectChannelsd(MapTransform):
+    """Keep the named channels of an input (e.g. DRIVE's green channel)."""
+
+    def __init__(self, keys: Sequence[str], indices: Sequence[int]):
+        super().__init__(keys)
+        self.indices = list(indices)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = d[key][self.indices]
+        return d
+
+
+class RemapLabelsd(MapTransform):
+    """Map file label values to the card's contiguous classes; unknown values are a user error.
+
+    Args:
+        keys: label keys.
+        card: supplies ``label_remap`` (file value -> class), ``label_others`` (class for unlisted
+            values, or None to refuse them) and ``labels``.
+    """
+
+    def __init__(self, keys: Sequence[str], card: DataCard):
+        super().__init__(keys)
+        self.card = card
+        remap = card.label_remap or {v: v for v in card.labels.values()}
+        self.values = np.array(sorted(remap), dtype=np.int64)
+        self.classes = np.array([remap[v] for v in self.values], dtype=np.int64)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            label = d[key]
+            array = label.detach().cpu().numpy().astype(np.int64)
+            pos = np.clip(np.searchsorted(self.values, array), 0, len(self.values) - 1)
+            known = self.values[pos] == array
+            if not known.all() and self.card.label_others is None:
+                bad = np.unique(array[~known])[:10].tolist()
+                raise MedidiffError(f"label value(s) {bad} are not in the card {self.card.path.name} "
+                                    f"(known values: {self.values.tolist()})", io.source_path(label))
+            out = np.where(known, self.classes[pos], self.card.label_others or 0)
+            d[key] = MetaTensor(torch.from_numpy(out), meta=label.meta, affine=label.affine)
+        return d
+
+
+class DeriveTissueLabeld(MapTransform):
+    """Background / tissue label map from probability maps: ``1 + argmax`` where the winning
+    probability reaches ``threshold``, else 0 (MNI152 GM/WM -> background/GM/WM). Drops the inputs."""
+
+    def __init__(self, out_key: str, from_keys: Sequence[str], threshold: float = 0.5, scale: float = 1.0):
+        super().__init__(list(from_keys))
+        self.out_key, self.threshold, self.scale = out_key, threshold, scale
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        maps = [d.pop(k) for k in self.keys]
+        probs = torch.cat([torch.as_tensor(m).float() for m in maps]) / self.scale
+        best, index = probs.max(dim=0, keepdim=True)
+        label = torch.where(best >= self.threshold, index + 1, torch.zeros_like(index)).long()
+        d[self.out_key] = MetaTensor(label, affine=maps[0].affine, meta=dict(maps[0].meta))
+        return d
+
+
+class ToLumad(MapTransform):
+    """RGB input -> luma ``key`` (1 channel) and chroma ``key + '_chroma'`` (Cb, Cr), for fusion."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            ycbcr = rgb_to_ycbcr(d[key])
+            d[key], d[f"{key}_chroma"] = ycbcr[:1], ycbcr[1:]
+        return d
+
+
+class CheckPaird(MapTransform):
+    """Every other spatial key must share the reference key's grid (run after orientation)."""
+
+    def __init__(self, reference: str, keys: Sequence[str]):
+        super().__init__(keys, allow_missing_keys=True)
+        self.reference = reference
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        for key in self.key_iterator(data):
+            if key != self.reference:
+                io.check_pair(data[self.reference], data[key])
+        return dict(data)
+
+
+class Degraded(Randomizable, MapTransform):
+    """``condition = degrade(image, spec, seed)`` (see :mod:`medidiff.data.degrade`).
+
+    Args:
+        key: the clean image, ``(C, *spatial)`` in [0, 1].
+        spec: degradation spec.
+        seed: with ``random=False`` the seed is derived from the case id and this base seed
+            (validation/test: the same degraded input every run); with ``random=True`` it is drawn
+            from the transform's random state (training: fresh degradation each time).
+    """
+
+    def __init__(self, key: str, spec: dict[str, Any], seed: int = 0, random: bool = False,
+                 out_key: str = "condition"):
+        super().__init__([key])
+        self.key, self.spec, self.seed, self.random, self.out_key = key, spec, seed, random, out_key
+        self._seed = seed
+
+    def randomize(self, data: Any = None) -> None:
+        self._seed = int(self.R.randint(0, 2**31 - 1))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from medidiff.data.degrade import degrade_with_extras
+
+        d = dict(data)
+        if self.random:
+            self.randomize()
+        seed = self._seed if self.random else case_seed(self.seed, d)
+        degraded, extras = degrade_with_extras(d[self.key], self.spec, seed)
+        d[self.out_key] = degraded
+        d.update({k: v for k, v in extras.items() if k == "kspace_mask"})
+        d["degradation_seed"] = seed
+        return d
