@@ -35,7 +35,8 @@ def test_nmse_closed_form():
 
 def test_psnr_and_ssim_agree_with_skimage(pair):
     pred, ref = pair
-    assert psnr(pred, ref, data_range=1.0) == pytest.approx(peak_signal_noise_ratio(ref, pred, data_range=1.0))
+    expected_psnr = peak_signal_noise_ratio(ref, pred, data_range=1.0)
+    assert psnr(pred, ref, data_range=1.0) == pytest.approx(expected_psnr)
     assert ssim(pred, ref, data_range=1.0) == pytest.approx(structural_similarity(ref, pred, data_range=1.0))
     assert ssim(ref, ref, data_range=1.0) == pytest.approx(1.0)
 

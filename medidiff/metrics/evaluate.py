@@ -80,7 +80,9 @@ def _index(folder: str | os.PathLike, suffixes: Sequence[str]) -> dict[str, Path
     return cases
 
 
-def _pair(folders: Mapping[str, str | os.PathLike], suffixes: Sequence[str]) -> list[tuple[str, dict[str, Path]]]:
+def _pair(
+    folders: Mapping[str, str | os.PathLike], suffixes: Sequence[str]
+) -> list[tuple[str, dict[str, Path]]]:
     """Match the files of several folders by case name; the first folder is the one being evaluated."""
     indexes = {role: _index(folder, suffixes) for role, folder in folders.items()}
     first = next(iter(folders))
@@ -96,27 +98,30 @@ def _pair(folders: Mapping[str, str | os.PathLike], suffixes: Sequence[str]) -> 
     return [(name, {role: indexes[role][name] for role in folders}) for name in sorted(names)]
 
 
+def _geometry_problem(img: Any, ref: Any) -> str | None:
+    shape, ref_shape = tuple(img.shape[1:]), tuple(ref.shape[1:])
+    if shape != ref_shape:
+        return f"shape {shape} differs from {ref_shape}"
+    if not np.allclose(img.meta["spacing"], ref.meta["spacing"], rtol=1e-4, atol=1e-4):
+        return f"spacing {img.meta['spacing']} differs from {ref.meta['spacing']}"
+    if img.meta["orientation"] != ref.meta["orientation"]:
+        return f"orientation {img.meta['orientation']} differs from {ref.meta['orientation']}"
+    return None
+
+
 def _check_geometry(images: Mapping[str, Any], paths: Mapping[str, Path]) -> None:
     """Same spatial shape, spacing and orientation as the first image, else an error naming the file."""
-    roles = list(images)
-    ref = images[roles[0]]
-    for role in roles[1:]:
-        img, path = images[role], paths[role]
-        if tuple(img.shape[1:]) != tuple(ref.shape[1:]):
-            raise MedidiffError(f"shape {tuple(img.shape[1:])} differs from the {roles[0]}'s "
-                                f"{tuple(ref.shape[1:])} ({paths[roles[0]]})", path)
-        if not np.allclose(img.meta["spacing"], ref.meta["spacing"], rtol=1e-4, atol=1e-4):
-            raise MedidiffError(f"spacing {img.meta['spacing']} differs from the {roles[0]}'s "
-                                f"{ref.meta['spacing']} ({paths[roles[0]]})", path)
-        if img.meta["orientation"] != ref.meta["orientation"]:
-            raise MedidiffError(f"orientation {img.meta['orientation']} differs from the {roles[0]}'s "
-                                f"{ref.meta['orientation']} ({paths[roles[0]]})", path)
+    first, *others = images
+    for role in others:
+        problem = _geometry_problem(images[role], images[first])
+        if problem:
+            raise MedidiffError(f"{problem} of the {first} file {paths[first]}", paths[role])
 
 
-def _single_channel(img: Any, path: Path) -> np.ndarray:
-    if img.shape[0] != 1:
-        raise MedidiffError(f"has {img.shape[0]} channels where one is expected", path)
-    return np.asarray(img[0])
+def _single_channel(images: Mapping[str, Any], paths: Mapping[str, Path], role: str) -> np.ndarray:
+    if images[role].shape[0] != 1:
+        raise MedidiffError(f"has {images[role].shape[0]} channels where one is expected", paths[role])
+    return np.asarray(images[role][0])
 
 
 def _run(
@@ -138,7 +143,7 @@ def _run(
         except ValueError as err:  # a metric refused the data (range, size): the user's input
             raise MedidiffError(str(err), paths[first]) from None
         cases.append({"case": name, **{role: str(p) for role, p in paths.items()}, **values})
-    return {"task": task, "settings": settings, "cases": cases, "summary": _summary(cases, set(folders))}
+    return {"task": task, "settings": settings, "cases": cases, "summary": _summary(cases)}
 
 
 def _finish(result: dict[str, Any], out_json: str | os.PathLike | None) -> dict[str, Any]:
@@ -147,10 +152,9 @@ def _finish(result: dict[str, Any], out_json: str | os.PathLike | None) -> dict[
     return result
 
 
-def _summary(cases: list[dict[str, Any]], path_keys: set[str]) -> dict[str, dict[str, float]]:
-    keys = [k for k in cases[0] if k != "case" and k not in path_keys]
-    for case in cases[1:]:
-        keys += [k for k in case if k not in keys and k != "case" and k not in path_keys]
+def _summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Statistics of every numeric field, over the cases' finite values."""
+    keys = dict.fromkeys(k for case in cases for k, v in case.items() if isinstance(v, (int, float)))
     out = {}
     for key in keys:
         values = np.array([c.get(key, math.nan) for c in cases], dtype=float)
@@ -178,8 +182,11 @@ def _strict(obj: Any) -> Any:
 
 
 def _write_json(result: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise MedidiffError(f"cannot write the metrics file here ({err.strerror})", path) from None
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(_strict(result), f, indent=2, allow_nan=False)
@@ -216,8 +223,8 @@ def evaluate_segmentation(
     folders = {"pred": pred_dir, "ref": ref_dir} | ({"region": region_dir} if region_dir is not None else {})
 
     def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
-        pred, ref = _single_channel(images["pred"], paths["pred"]), _single_channel(images["ref"], paths["ref"])
-        region = _single_channel(images["region"], paths["region"]) > 0 if "region" in images else None
+        pred, ref = _single_channel(images, paths, "pred"), _single_channel(images, paths, "ref")
+        region = _single_channel(images, paths, "region") > 0 if "region" in images else None
         present = labels if labels is not None else sorted((set(np.unique(pred)) | set(np.unique(ref))) - {0})
         return segmentation_metrics(pred, ref, present, spacing=images["ref"].meta["spacing"], region=region)
 
@@ -236,7 +243,7 @@ def _fill_absent(result: dict[str, Any]) -> None:
     for case in result["cases"]:
         for key in keys:
             case.setdefault(key, math.nan)
-    result["summary"] = _summary(result["cases"], {"pred", "ref", "region"})
+    result["summary"] = _summary(result["cases"])
 
 
 def evaluate_image(
@@ -259,12 +266,13 @@ def evaluate_image(
     """
 
     def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
-        pred, ref = _single_channel(images["pred"], paths["pred"]), _single_channel(images["ref"], paths["ref"])
+        pred, ref = _single_channel(images, paths, "pred"), _single_channel(images, paths, "ref")
         return image_metrics(pred, ref, data_range=data_range, metrics=metrics)
 
     settings = {"data_range": data_range, "metrics": list(metrics)}
     folders = {"pred": pred_dir, "ref": ref_dir}
-    return _finish(_run("image", folders, dict.fromkeys(folders, "image"), score, settings, suffixes), out_json)
+    result = _run("image", folders, dict.fromkeys(folders, "image"), score, settings, suffixes)
+    return _finish(result, out_json)
 
 
 def _grey_2d(img: Any, path: Path) -> np.ndarray:
@@ -309,4 +317,5 @@ def evaluate_fusion(
 
     settings = {"scale": "8-bit [0, 255]", "mi": "sum over sources, nats", "ssim": "sum over sources",
                 "vif": "sum over sources"}
-    return _finish(_run("fusion", folders, dict.fromkeys(folders, "image"), score, settings, suffixes), out_json)
+    result = _run("fusion", folders, dict.fromkeys(folders, "image"), score, settings, suffixes)
+    return _finish(result, out_json)

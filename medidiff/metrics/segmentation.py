@@ -6,10 +6,10 @@ the convention around them:
 
 * **Both masks empty for a class** (the class is absent from reference and prediction): Dice and HD95 are
   ``NaN`` — nothing to score — and are skipped by the foreground mean (``nanmean``), as in nnU-Net.
-* **Exactly one side empty** (a missed or hallucinated structure): Dice is 0 and HD95 is ``inf`` (the distance
-  to an empty set). MONAI itself returns NaN here, which would silently drop the worst cases from a mean; we do
-  not. In the JSON written by :mod:`medidiff.metrics.evaluate` both become ``null``; the Dice of the same case
-  and class (NaN vs 0) tells the two apart, and the summary counts them separately.
+* **Exactly one side empty** (a missed or hallucinated structure): Dice is 0 and HD95 is ``inf`` (the
+  distance to an empty set). MONAI itself returns NaN here, which would silently drop the worst cases from a
+  mean; we do not. The JSON written by :mod:`medidiff.metrics.evaluate` stores NaN and ``inf`` as ``null``;
+  the Dice of the same case and class (NaN vs 0) tells the two apart, and the summary counts them apart.
 * **Region** (e.g. the DRIVE field of view): voxels outside ``region`` are set to background in both masks
   before scoring, so nothing outside the region counts for either metric.
 * HD95 is the symmetric 95th-percentile Hausdorff distance between mask surfaces, in the units of
@@ -172,7 +172,9 @@ def fuse_majority_vote(label_maps: np.ndarray, num_classes: int | None = None) -
     return votes.argmax(axis=0).astype(np.int64)  # argmax returns the first maximum: lowest label wins ties
 
 
-def staple(binary_masks: np.ndarray, *, max_iterations: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def staple(
+    binary_masks: np.ndarray, *, max_iterations: int = 1000
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """SimpleITK's STAPLE (Warfield et al., IEEE TMI 2004) on binary raters.
 
     The EM algorithm estimates each rater's sensitivity and specificity jointly with the hidden true
@@ -192,7 +194,8 @@ def staple(binary_masks: np.ndarray, *, max_iterations: int = 1000) -> tuple[np.
     f.SetForegroundValue(1.0)
     f.SetMaximumIterations(max_iterations)
     prob = f.Execute([sitk.GetImageFromArray((m != 0).astype(np.uint8)) for m in masks])
-    return sitk.GetArrayFromImage(prob).astype(np.float64), np.array(f.GetSensitivity()), np.array(f.GetSpecificity())
+    probability = sitk.GetArrayFromImage(prob).astype(np.float64)
+    return probability, np.array(f.GetSensitivity()), np.array(f.GetSpecificity())
 
 
 def fuse_staple(label_maps: np.ndarray, num_classes: int | None = None) -> np.ndarray:
