@@ -1,0 +1,204 @@
+"""MONAI transform pipelines built from a data card, per task and stage, in 2D and 3D.
+
+Order: load (:func:`medidiff.io.read`, checked against the card) -> derived labels -> channel selection
+-> label remap -> ``Orientationd`` (3D) -> grid check -> ``Spacingd`` (card spacing) -> split slab ->
+intensity normalisation (CT window / MRI percentiles / RGB range, all to [0, 1]) -> luma for RGB fusion
+inputs -> patches and flips (training) or a centre patch (validation) -> degradation (restoration,
+super-resolution) -> dtypes. The geometric steps are MONAI's invertible transforms, so a prediction on
+the processed grid maps back onto the original scan with :func:`invert`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    CenterSpatialCropd,
+    Compose,
+    EnsureTyped,
+    Invertd,
+    MapTransform,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandSpatialCropSamplesd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+    SpatialCropd,
+    SpatialPadd,
+    SqueezeDimd,
+)
+
+from medidiff.data.cards import DataCard, InputSpec
+from medidiff.data.custom import (
+    CheckPaird,
+    Degraded,
+    DeriveTissueLabeld,
+    LoadCased,
+    RemapLabelsd,
+    SelectChannelsd,
+    ToLumad,
+)
+
+__all__ = ["Task", "Stage", "preprocess", "train_sampling", "centre_patch", "slice_of", "finish", "invert"]
+
+Task = Literal["segmentation", "restoration", "superres", "fusion"]
+Stage = Literal["train", "val", "test", "predict"]
+LABEL_KEYS = ("label", "fov")
+_BIG = 10**7  # an open-ended crop bound: MONAI clips it to the image
+
+
+def preprocess(
+    card: DataCard,
+    *,
+    inputs: Mapping[str, InputSpec] | None = None,
+    with_labels: bool = True,
+    extra_keys: Sequence[str] = (),
+    slices: tuple[int, int] | None = None,
+    luma: bool = False,
+) -> list[MapTransform]:
+    """Load and bring one case onto the card's grid and intensity scale.
+
+    Args:
+        card: the data card.
+        inputs: image keys and their specs (default: the card's ``inputs``; fusion training maps one
+            source to ``image``).
+        with_labels: load ``label`` (or derive it) — segmentation only.
+        extra_keys: further label-like keys present in the cases, e.g. ``("fov",)``.
+        slices: keep only this index range along ``card.slice_axis`` (split slabs).
+        luma: RGB inputs become luma ``key`` (1 channel) plus ``key_chroma`` (fusion of colour-mapped PET).
+
+    Returns:
+        transforms producing ``{key: MetaTensor (C, *spatial)}`` with images in [0, 1].
+    """
+    inputs = dict(inputs if inputs is not None else card.inputs)
+    images = list(inputs)
+    labels = (["label"] if with_labels else []) + [k for k in extra_keys if k != "label"]
+    derive = card.derive.get("label") if with_labels else None
+    loaded = images + [k for k in labels if not (derive and k == "label")] + (list(derive["from"]) if derive else [])
+    t: list[MapTransform] = [LoadCased(card, loaded, inputs)]
+    if derive:
+        t.append(DeriveTissueLabeld("label", derive["from"], derive.get("threshold", 0.5), derive.get("scale", 1.0)))
+    t += [SelectChannelsd([k], spec.use_indices) for k, spec in inputs.items() if spec.use != spec.channels]
+    if with_labels and not derive:
+        t.append(RemapLabelsd(["label"], card))
+    spatial_keys = images + labels
+    if card.spatial_dims == 3:
+        t.append(Orientationd(spatial_keys, axcodes=card.orientation))
+    t.append(CheckPaird(images[0], spatial_keys))
+    if card.spacing is not None:
+        modes = ["bilinear"] * len(images) + ["nearest"] * len(labels)
+        t.append(Spacingd(spatial_keys, pixdim=card.spacing, mode=modes, dtype=torch.float32))
+    if slices is not None:
+        start, stop = [0] * card.spatial_dims, [_BIG] * card.spatial_dims
+        start[card.slice_axis], stop[card.slice_axis] = slices
+        t.append(SpatialCropd(spatial_keys, roi_start=start, roi_end=stop))
+    t += [_normaliser(k, spec) for k, spec in inputs.items()]
+    t += [ToLumad([k]) for k, spec in inputs.items() if spec.is_rgb and luma]
+    return t
+
+
+def train_sampling(
+    keys: Sequence[str],
+    patch_size: Sequence[int],
+    *,
+    card: DataCard,
+    spatial_dims: int,
+    label_key: str | None,
+    num_samples: int = 1,
+    flips: bool = True,
+) -> list[MapTransform]:
+    """Random patches (foreground-balanced when ``label_key`` is given) and flips.
+
+    ``num_samples`` patches are cut from each loaded case (MONAI's ``num_samples``: a batch then holds
+    ``batch_size * num_samples`` patches).
+
+    For 2D training from 3D volumes the crop is one voxel thick along ``card.slice_axis`` and that
+    axis is squeezed, so a 3D volume yields a 2D patch ``(C, *patch_size)``.
+    """
+    size = _crop_size(patch_size, card, spatial_dims)
+    t: list[MapTransform] = [SpatialPadd(keys, spatial_size=size)]
+    if label_key:
+        t.append(RandCropByPosNegLabeld(keys, label_key=label_key, spatial_size=size, pos=1, neg=1,
+                                        num_samples=num_samples))
+    else:
+        t.append(RandSpatialCropSamplesd(keys, roi_size=size, num_samples=num_samples, random_size=False))
+    if spatial_dims < card.spatial_dims:
+        t.append(SqueezeDimd(keys, dim=card.slice_axis + 1))
+    if flips:
+        t += [RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
+    return t
+
+
+def centre_patch(keys: Sequence[str], patch_size: Sequence[int]) -> list[MapTransform]:
+    """Deterministic validation patch: pad then centre crop to ``patch_size``."""
+    return [SpatialPadd(keys, spatial_size=patch_size), CenterSpatialCropd(keys, roi_size=patch_size)]
+
+
+def slice_of(keys: Sequence[str], axis: int, index: int) -> list[MapTransform]:
+    """One 2D slice ``index`` along spatial ``axis`` of a 3D case: ``(C, X, Y, Z) -> (C, *2D)``."""
+    start, stop = [0, 0, 0], [_BIG] * 3
+    start[axis], stop[axis] = index, index + 1
+    return [SpatialCropd(keys, roi_start=start, roi_end=stop), SqueezeDimd(keys, dim=axis + 1)]
+
+
+def finish(
+    task: Task,
+    *,
+    image_keys: Sequence[str],
+    label_keys: Sequence[str] = (),
+    degradation: dict[str, Any] | None = None,
+    seed: int = 0,
+    random: bool = False,
+) -> list[MapTransform]:
+    """Degradation for restoration/super-resolution (``condition``), then the batch dtypes."""
+    t: list[MapTransform] = []
+    if task in ("restoration", "superres"):
+        t.append(Degraded("image", degradation or {}, seed=seed, random=random))
+        image_keys = [*image_keys, "condition"]
+    t.append(EnsureTyped(list(image_keys), dtype=torch.float32, allow_missing_keys=True))
+    if "label" in label_keys:
+        t.append(EnsureTyped(["label"], dtype=torch.int64))
+    extra = [k for k in label_keys if k != "label"] + ["kspace_mask"]
+    t.append(EnsureTyped(extra, dtype=torch.float32, allow_missing_keys=True))
+    return t
+
+
+def invert(pred: torch.Tensor, reference: MetaTensor, transform: Compose, *, nearest: bool = False) -> MetaTensor:
+    """Map a prediction on the processed grid back onto the original scan's grid.
+
+    Args:
+        pred: ``(C, *spatial)`` on the grid of ``reference``.
+        reference: the processed input (one item of a batch, e.g. ``decollate_batch(batch)[i]["image"]``)
+            carrying MONAI's record of the applied transforms.
+        transform: the pipeline that produced ``reference``.
+        nearest: nearest-neighbour interpolation (label maps) instead of linear.
+
+    Returns:
+        ``(C, *original_spatial)`` with the original affine and ``filename_or_obj``: ready for
+        :func:`medidiff.io.write` (``like=`` the source file, or on its own).
+    """
+    data = {"pred": MetaTensor(torch.as_tensor(pred).detach().cpu()), "image": reference}
+    inverter = Invertd("pred", transform=transform, orig_keys="image", nearest_interp=nearest)
+    return inverter(data)["pred"]
+
+
+def _normaliser(key: str, spec: InputSpec) -> MapTransform:
+    norm = spec.normalise
+    if norm["method"] == "window":
+        return ScaleIntensityRanged([key], a_min=norm["low"], a_max=norm["high"], b_min=0.0, b_max=1.0, clip=True)
+    return ScaleIntensityRangePercentilesd([key], lower=norm["lower"], upper=norm["upper"], b_min=0.0, b_max=1.0,
+                                           clip=True, channel_wise=True)
+
+
+def _crop_size(patch_size: Sequence[int], card: DataCard, spatial_dims: int) -> list[int]:
+    size = [int(p) for p in patch_size]
+    if len(size) != spatial_dims:
+        raise ValueError(f"patch_size {tuple(size)} must have {spatial_dims} entries for spatial_dims={spatial_dims}")
+    if spatial_dims < card.spatial_dims:
+        size.insert(card.slice_axis, 1)
+    return size
