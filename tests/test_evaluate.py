@@ -103,22 +103,24 @@ def test_missed_structure_counts_as_inf_in_summary(tmp_path):
 
 
 def test_region_folder_restricts_to_the_field_of_view(tmp_path):
-    # DRIVE-like 2D PNGs: vessels 255, prediction wrong only outside the field of view
+    # DRIVE-like 2D PNGs: manual vessels stored as 255, predicted as 1; errors only outside the field of view
     ref = np.zeros((16, 16))
     ref[:, 4:6] = 255
-    pred = ref.copy()
-    pred[:, 12:14] = 255
+    pred = (ref > 0).astype(float)
+    pred[:, 12:14] = 1
     fov = np.zeros((16, 16))
     fov[:, :10] = 255
     _png(tmp_path / "pred" / "01_test.png", pred)
     _png(tmp_path / "ref" / "01_manual1.png", ref)
     _png(tmp_path / "fov" / "01_test_mask.png", fov)
-    whole = evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", labels={"vessel": 255})
-    inside = evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", labels={"vessel": 255},
-                                   region_dir=tmp_path / "fov")
+    kwargs = {"labels": {"vessel": 1}, "label_remap": {255: 1}}
+    whole = evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", **kwargs)
+    inside = evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", region_dir=tmp_path / "fov", **kwargs)
+    raw = evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", labels={"vessel": 1})
     assert whole["cases"][0]["dice_vessel"] == pytest.approx(2 * 32 / (64 + 32))
     assert inside["cases"][0]["dice_vessel"] == pytest.approx(1.0)
     assert inside["cases"][0]["region"].endswith("01_test_mask.png")
+    assert raw["cases"][0]["dice_vessel"] == 0.0  # without the remap, 255 is not vessel: the pitfall
 
 
 def test_missing_partner_names_the_file(seg_folders):

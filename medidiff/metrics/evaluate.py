@@ -55,13 +55,11 @@ def case_name(filename: str, suffixes: Sequence[str] = CASE_SUFFIXES) -> str | N
     if ext is None or filename.startswith("."):
         return None
     name = filename[: -len(ext)]
-    stripped = True
-    while stripped:
-        stripped = False
-        for suffix in suffixes:
-            if name.lower().endswith(suffix.lower()) and len(name) > len(suffix):
-                name, stripped = name[: -len(suffix)], True
-    return name
+    while True:
+        suffix = next((s for s in suffixes if name.lower().endswith(s.lower()) and len(name) > len(s)), None)
+        if suffix is None:
+            return name
+        name = name[: -len(suffix)]
 
 
 def _index(folder: str | os.PathLike, suffixes: Sequence[str]) -> dict[str, Path]:
@@ -131,8 +129,10 @@ def _run(
     score: Callable[[dict[str, Any], dict[str, Path]], dict[str, float]],
     settings: dict[str, Any],
     suffixes: Sequence[str],
+    out_json: str | os.PathLike | None,
+    complete: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
-    """Pair, read, check geometry, score each case, summarise."""
+    """Pair, read, check geometry, score each case, complete the case rows, summarise, write."""
     cases = []
     for name, paths in _pair(folders, suffixes):
         images = {role: read(paths[role], kind=kinds[role]) for role in paths}
@@ -143,10 +143,9 @@ def _run(
         except ValueError as err:  # a metric refused the data (range, size): the user's input
             raise MedidiffError(str(err), paths[first]) from None
         cases.append({"case": name, **{role: str(p) for role, p in paths.items()}, **values})
-    return {"task": task, "settings": settings, "cases": cases, "summary": _summary(cases)}
-
-
-def _finish(result: dict[str, Any], out_json: str | os.PathLike | None) -> dict[str, Any]:
+    if complete is not None:
+        complete(cases)
+    result = {"task": task, "settings": settings, "cases": cases, "summary": _summary(cases)}
     if out_json is not None:
         _write_json(result, Path(out_json))
     return result
@@ -203,6 +202,7 @@ def evaluate_segmentation(
     *,
     labels: dict[str, int] | None = None,
     region_dir: str | os.PathLike | None = None,
+    label_remap: Mapping[int, int] | None = None,
     out_json: str | os.PathLike | None = None,
     suffixes: Sequence[str] = CASE_SUFFIXES,
 ) -> dict[str, Any]:
@@ -214,6 +214,8 @@ def evaluate_segmentation(
             found in a case's reference or prediction, named by its value; a class absent from a case is
             then NaN there, exactly as if it had been listed.
         region_dir: optional masks (non-zero = inside) restricting the evaluation, e.g. DRIVE's field of view.
+        label_remap: file value -> label value, applied to predictions and references before scoring
+            (DRIVE's manual masks store vessels as 255: ``{255: 1}``); unlisted values are kept.
         out_json: where to write the result.
         suffixes: case-name suffixes to strip (see the pairing rule).
 
@@ -225,25 +227,32 @@ def evaluate_segmentation(
     def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
         pred, ref = _single_channel(images, paths, "pred"), _single_channel(images, paths, "ref")
         region = _single_channel(images, paths, "region") > 0 if "region" in images else None
+        if label_remap:
+            pred, ref = _remap(pred, label_remap), _remap(ref, label_remap)
         present = labels if labels is not None else sorted((set(np.unique(pred)) | set(np.unique(ref))) - {0})
         return segmentation_metrics(pred, ref, present, spacing=images["ref"].meta["spacing"], region=region)
 
     kinds = {"pred": "label", "ref": "label", "region": "label"}
     settings = {"labels": labels, "region_dir": None if region_dir is None else str(region_dir),
+                "label_remap": None if label_remap is None else {str(k): v for k, v in label_remap.items()},
                 "hd_percentile": 95, "both_empty": "nan", "one_empty_hd95": "inf"}
-    result = _run("segmentation", folders, kinds, score, settings, suffixes)
-    if labels is None:
-        _fill_absent(result)
-    return _finish(result, out_json)
+    complete = _fill_absent if labels is None else None
+    return _run("segmentation", folders, kinds, score, settings, suffixes, out_json, complete)
 
 
-def _fill_absent(result: dict[str, Any]) -> None:
+def _remap(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
+    out = labels.copy()
+    for src, dst in mapping.items():
+        out[labels == src] = dst  # read from the original: {1: 2, 2: 1} swaps
+    return out
+
+
+def _fill_absent(cases: list[dict[str, Any]]) -> None:
     """With inferred labels, a class missing from a case was absent from both masks: NaN there."""
-    keys = list(result["summary"])
-    for case in result["cases"]:
+    keys = dict.fromkeys(k for case in cases for k in case)
+    for case in cases:
         for key in keys:
             case.setdefault(key, math.nan)
-    result["summary"] = _summary(result["cases"])
 
 
 def evaluate_image(
@@ -271,8 +280,7 @@ def evaluate_image(
 
     settings = {"data_range": data_range, "metrics": list(metrics)}
     folders = {"pred": pred_dir, "ref": ref_dir}
-    result = _run("image", folders, dict.fromkeys(folders, "image"), score, settings, suffixes)
-    return _finish(result, out_json)
+    return _run("image", folders, dict.fromkeys(folders, "image"), score, settings, suffixes, out_json)
 
 
 def _grey_2d(img: Any, path: Path) -> np.ndarray:
@@ -317,5 +325,4 @@ def evaluate_fusion(
 
     settings = {"scale": "8-bit [0, 255]", "mi": "sum over sources, nats", "ssim": "sum over sources",
                 "vif": "sum over sources"}
-    result = _run("fusion", folders, dict.fromkeys(folders, "image"), score, settings, suffixes)
-    return _finish(result, out_json)
+    return _run("fusion", folders, dict.fromkeys(folders, "image"), score, settings, suffixes, out_json)
