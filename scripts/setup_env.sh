@@ -16,7 +16,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "[medidiff] installing $torch_spec, then medidiff with its dependencies (about a minute)"
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" || true
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$torch_spec"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$root[test]"
     echo "$want" > "$stamp"
