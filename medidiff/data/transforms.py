@@ -88,7 +88,7 @@ def preprocess(
         t.append(RemapLabelsd(["label"], card))
     spatial_keys = images + labels
     if card.spatial_dims == 3:
-        t.append(Orientationd(spatial_keys, axcodes=card.orientation))
+        t.append(Orientationd(spatial_keys, axcodes=card.orientation, labels=None))  # io.read sets space=RAS
     t.append(CheckPaird(images[0], spatial_keys))
     if card.spacing is not None:
         modes = ["bilinear"] * len(images) + ["nearest"] * len(labels)
