@@ -111,14 +111,19 @@ def load_card(name_or_path: str | os.PathLike, *, check_files: bool = True) -> D
     except (OSError, yaml.YAMLError) as err:
         raise MedidiffError(f"cannot be parsed as YAML ({err})", path) from None
     _check_keys(raw, _TOP, path, "card")
-    root = resolve_root(str(raw.get("root", "${shared}")), path)
-    if not root.exists():
-        raise MedidiffError(f"data root {root} does not exist (for ${{shared}} set MEDIDIFF_SHARED_DATA "
-                            "or place the data in ../shared/data beside the repository)", path)
     inputs = {k: _input_spec(k, v, path) for k, v in _mapping(raw["inputs"], "inputs", path).items()}
     labels = _labels(raw.get("labels") or {}, path)
     remap, others = _remap(raw.get("label_remap"), raw.get("label_others"), labels, path)
     derive = {k: _checked(v, _DERIVE, path, f"derive.{k}") for k, v in (raw.get("derive") or {}).items()}
+    for k, v in derive.items():
+        if v["method"] != "tissue_argmax":
+            raise MedidiffError(f"derive.{k}.method must be 'tissue_argmax', got '{v['method']}'", path)
+    for k, v in _mapping(raw["splits"], "splits", path).items():
+        _check_keys(v, _SPLIT, path, f"splits.{k}")
+    root = resolve_root(str(raw.get("root", "${shared}")), path)
+    if not root.exists():
+        raise MedidiffError(f"data root {root} does not exist (for ${{shared}} set MEDIDIFF_SHARED_DATA "
+                            "or place the data in ../shared/data beside the repository)", path)
     splits = {k: _split(k, v, root, path) for k, v in _mapping(raw["splits"], "splits", path).items()}
     for needed in ("train", "val"):
         if needed not in splits:
