@@ -55,6 +55,13 @@ def _apply_matrix(matrix: torch.Tensor, x: torch.Tensor, channel_dim: int) -> to
     return torch.tensordot(matrix, x.movedim(channel_dim, 0), dims=1).movedim(0, channel_dim)
 
 
+def like(reference: torch.Tensor, values: torch.Tensor) -> MetaTensor:
+    """``values`` as a MetaTensor with ``reference``'s metadata (affine, file name) and transform record."""
+    if not isinstance(reference, MetaTensor):
+        return MetaTensor(values)
+    return MetaTensor(values, meta=dict(reference.meta), applied_operations=list(reference.applied_operations))
+
+
 def case_seed(base_seed: int, data: Mapping) -> int:
     """A stable per-case (and per-slice) seed, so validation/test degradations never change between runs."""
     key = f"{data.get('id', '')}/{int(data.get('slice_index', -1))}"
@@ -129,7 +136,7 @@ class RemapLabelsd(MapTransform):
                 raise MedidiffError(f"label value(s) {bad} are not in the card {self.card.path.name} "
                                     f"(known values: {self.values.tolist()})", io.source_path(label))
             out = np.where(known, self.classes[pos], self.card.label_others or 0)
-            d[key] = MetaTensor(torch.from_numpy(out), meta=label.meta, affine=label.affine)
+            d[key] = like(label, torch.from_numpy(out))
         return d
 
 
@@ -147,7 +154,7 @@ class DeriveTissueLabeld(MapTransform):
         probs = torch.cat([torch.as_tensor(m).float() for m in maps]) / self.scale
         best, index = probs.max(dim=0, keepdim=True)
         label = torch.where(best >= self.threshold, index + 1, torch.zeros_like(index)).long()
-        d[self.out_key] = MetaTensor(label, affine=maps[0].affine, meta=dict(maps[0].meta))
+        d[self.out_key] = like(maps[0], label)
         return d
 
 

@@ -200,8 +200,8 @@ class MedicalDataModule(LightningDataModule):
 
     def _dataset_of(self, data: list[dict], transform: Compose) -> torch.utils.data.Dataset:
         if self.hparams.cache:
-            return CacheDataset(data, transform, cache_rate=self.hparams.cache_rate, progress=False)
-        return Dataset(data, transform)
+            return _CacheDataset(data, transform, cache_rate=self.hparams.cache_rate, progress=False)
+        return _Dataset(data, transform)
 
     def _keys(self, cases: list[dict]) -> list[str]:
         keys = list(self.card.inputs) if self.task == "fusion" else ["image"]
@@ -253,3 +253,29 @@ class SliceDataset(torch.utils.data.Dataset):
         d = Compose(T.slice_of(self.keys, self.axis, z))(dict(self._volume(i)))
         d["slice_index"] = z
         return self.transform(d)
+
+
+def _user_error(call: Callable[[], Any]) -> Any:
+    """Run ``call``; a MedidiffError that MONAI wrapped in "applying transform ..." comes out unwrapped."""
+    try:
+        return call()
+    except RuntimeError as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, MedidiffError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+class _Dataset(Dataset):
+    def _transform(self, index: int) -> Any:
+        return _user_error(lambda: super(_Dataset, self)._transform(index))
+
+
+class _CacheDataset(CacheDataset):
+    def _load_cache_item(self, idx: int) -> Any:
+        return _user_error(lambda: super(_CacheDataset, self)._load_cache_item(idx))
+
+    def _transform(self, index: int) -> Any:
+        return _user_error(lambda: super(_CacheDataset, self)._transform(index))

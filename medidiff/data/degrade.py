@@ -83,7 +83,7 @@ def degrade_with_extras(image: torch.Tensor, spec: Mapping[str, Any], seed: int)
         for name, options in spec.items():
             x = DEGRADATIONS[name](x, dict(options or {}), affine, generator, extras)
     if isinstance(image, MetaTensor):
-        x = MetaTensor(x, affine=image.affine, meta=dict(image.meta))
+        x = MetaTensor(x, meta=dict(image.meta), applied_operations=list(image.applied_operations))
     return x, extras
 
 
