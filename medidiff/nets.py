@@ -51,6 +51,11 @@ class ConditionalUNet(nn.Module):
         mid_attention: bool = False,
     ):
         super().__init__()
+        self.config = {"spatial_dims": spatial_dims, "in_channels": in_channels, "cond_channels": cond_channels,
+                       "out_channels": out_channels, "channels": list(channels),
+                       "attention_levels": None if attention_levels is None else list(attention_levels),
+                       "num_res_blocks": num_res_blocks, "norm_num_groups": norm_num_groups,
+                       "num_head_channels": num_head_channels, "mid_attention": mid_attention}
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         self.spatial_dims, self.in_channels, self.cond_channels = spatial_dims, in_channels, cond_channels

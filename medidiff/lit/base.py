@@ -1,0 +1,268 @@
+"""The one diffusion LightningModule every task subclasses.
+
+A task says what is diffused and what conditions it (:meth:`DiffusionModule.target_and_condition`), how a
+sample becomes a prediction (:meth:`DiffusionModule.decode`), optionally an extra loss on the network's
+x0 estimate and a data-consistency hook. Training, sampling (always through :mod:`medidiff.core.samplers`),
+ensembles, padding and precision live here, once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from medidiff.core import DiscreteDenoiser, beta_schedule, drop_condition, get_sampler
+from medidiff.core.denoiser import LossWeighting, PredictionType, SigmaGrid
+from medidiff.core.guidance import ClassifierFreeGuidance, Hook
+from medidiff.core.schedules import BetaScheduleName
+from medidiff.errors import MedidiffError
+
+
+class DiffusionModule(L.LightningModule):
+    """A conditional DDPM: ``p(target | condition)`` with the condition concatenated to the network input.
+
+    Args:
+        net: called as ``net(x_t, t, cond=...)``; injected from YAML with ``class_path``/``init_args``.
+        prediction_type: what ``net`` predicts: ``epsilon``, ``sample`` (x0) or ``v``.
+        schedule, num_timesteps, zero_terminal_snr: the training noise schedule.
+        loss_weighting, min_snr_gamma: weighting of the diffusion loss over timesteps.
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to ``max_steps``.
+        sampler, steps, grid: sampling defaults (any name in ``medidiff.core.SAMPLERS``).
+        ensemble: samples drawn per input, as one batch.
+        cond_drop, guidance_scale: classifier-free guidance (drop probability at training, scale at sampling).
+        nan_policy: ``raise`` stops training on a NaN/Inf loss with a clear message; ``skip`` skips the batch.
+        val_sampling_batches: validation batches on which a full sample is drawn and the task metric computed.
+        channels_last, compile: opt-in speed switches (measured in benchmarks/).
+        seed: base seed of sampling in validation and prediction.
+    """
+
+    task: str = "base"
+
+    def __init__(
+        self,
+        net: nn.Module,
+        prediction_type: PredictionType = "epsilon",
+        schedule: BetaScheduleName = "linear",
+        num_timesteps: int = 1000,
+        zero_terminal_snr: bool = False,
+        loss_weighting: LossWeighting = "uniform",
+        min_snr_gamma: float = 5.0,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_steps: int = 100,
+        sampler: str = "dpmpp_2m",
+        steps: int = 10,
+        grid: SigmaGrid = "exponential",
+        ensemble: int = 1,
+        cond_drop: float = 0.0,
+        guidance_scale: float = 1.0,
+        nan_policy: Literal["raise", "skip"] = "raise",
+        val_sampling_batches: int = 1,
+        channels_last: bool = False,
+        compile: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.hparams["net_config"] = net_config(net)
+        get_sampler(sampler)  # fail at construction on a misspelled sampler, not after training
+        self.net = net.to(memory_format=torch.channels_last) if channels_last else net
+        betas = beta_schedule(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
+        network = torch.compile(self.net) if compile else self.net
+        self.denoiser = DiscreteDenoiser(network, betas, prediction_type, loss_weighting=loss_weighting,
+                                         min_snr_gamma=min_snr_gamma)
+
+    # ------------------------------------------------------------------------------ task interface
+
+    def target_and_condition(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor | None]:
+        """``(x0, cond)``: the diffused target in ``[-1, 1]`` ``(B, C, *spatial)`` and the condition."""
+        raise NotImplementedError
+
+    def condition(self, batch: dict[str, Any]) -> Tensor | None:
+        """The condition alone (prediction has no target)."""
+        raise NotImplementedError
+
+    def decode(self, samples: Tensor) -> Tensor:
+        """Map samples ``(N, B, C, *spatial)`` in ``[-1, 1]`` to the task's output space."""
+        return samples
+
+    def extra_loss(self, x0_hat: Tensor, x0: Tensor, batch: dict[str, Any]) -> Tensor | None:
+        """An optional loss on the network's estimate of x0 (e.g. Dice on a predicted mask)."""
+        return None
+
+    def measurement_hook(self, batch: dict[str, Any]) -> Hook | None:
+        """An optional per-step hook (data consistency) built from the batch's measurement."""
+        return None
+
+    def sample_metrics(self, prediction: Tensor, batch: dict[str, Any]) -> dict[str, float]:
+        """Task metrics of decoded samples on a validation batch."""
+        return {}
+
+    # ------------------------------------------------------------------------------------ training
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        loss = self._loss(batch, "train")
+        if not torch.isfinite(loss):
+            if self.hparams.nan_policy == "skip":
+                self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum")
+                return None
+            raise MedidiffError(f"training loss became {loss.item()} at step {self.global_step} "
+                                f"(batch {batch_idx}); lower the learning rate or check the data for NaN/Inf, "
+                                f"or set model.nan_policy=skip to skip such batches")
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        generator = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)
+        self._loss(batch, "val", generator=generator)
+        if batch_idx < self.hparams.val_sampling_batches:
+            prediction = self.predict(batch, ensemble=1)
+            for name, value in self.sample_metrics(prediction, batch).items():
+                self.log(f"val/{name}", value, batch_size=prediction.shape[1])
+
+    def _loss(self, batch: dict[str, Any], stage: str, generator: torch.Generator | None = None) -> Tensor:
+        x0, cond = self.target_and_condition(batch)
+        if cond is not None and stage == "train":
+            cond = drop_condition(cond, self.hparams.cond_drop)
+        kwargs = {} if cond is None else {"cond": self._layout(cond)}
+        per_sample, x0_hat = self.denoiser.loss(self._layout(x0), generator=generator, **kwargs)
+        loss = per_sample.mean()
+        self.log(f"{stage}/diffusion_loss", loss, batch_size=x0.shape[0], prog_bar=stage == "train")
+        extra = self.extra_loss(x0_hat, x0, batch)
+        if extra is not None:
+            self.log(f"{stage}/extra_loss", extra, batch_size=x0.shape[0])
+            loss = loss + extra
+        self.log(f"{stage}/loss", loss, batch_size=x0.shape[0], prog_bar=stage == "val")
+        return loss
+
+    def _layout(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.hparams.channels_last and x.ndim == 4 else x
+
+    # ------------------------------------------------------------------------------------ sampling
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        return self.predict(batch)
+
+    def predict(self, batch: dict[str, Any], **overrides: Any) -> Tensor:
+        """Decoded samples ``(N, B, C, *spatial)`` for a batch; ``overrides`` replace sampling defaults."""
+        cond = self.condition(batch)
+        return self.decode(self.sample(cond, hook=self.measurement_hook(batch), **overrides))
+
+    @torch.no_grad()
+    def sample(
+        self,
+        cond: Tensor,
+        *,
+        channels: int | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        grid: SigmaGrid | None = None,
+        ensemble: int | None = None,
+        seed: int | None = None,
+        hook: Hook | None = None,
+        callback: Callable[[dict], None] | None = None,
+        denoiser: Callable[..., Tensor] | None = None,
+    ) -> Tensor:
+        """Draw ``ensemble`` samples per condition, all members in one batch, through the shared samplers.
+
+        Args:
+            cond: ``(B, C_cond, *spatial)``; spatial sizes are padded to what the network can take and cropped
+                back, so whole images of any size can be sampled.
+            channels: channels of the sample (defaults to the network's ``in_channels``).
+            hook: per-step hook on the unpadded estimate ``(N*B, C, *spatial)`` (members are batch-major).
+            denoiser: replaces the module's denoiser (e.g. a sliding-window wrapper for large volumes).
+
+        Returns:
+            ``(N, B, C, *spatial)`` in ``[-1, 1]`` space, float32.
+        """
+        hp = self.hparams
+        members = ensemble or hp.ensemble
+        generator = torch.Generator(cond.device).manual_seed(hp.seed if seed is None else seed)
+        channels = channels or self.net.in_channels
+        spatial = tuple(cond.shape[2:])
+        cond_batch = cond.float().repeat(members, *([1] * (cond.ndim - 1)))
+        padded_cond, pad = pad_to_multiple(cond_batch, self.size_multiple)
+        sigmas = self.denoiser.get_sigmas(steps or hp.steps, grid or hp.grid)
+        x = torch.randn((cond_batch.shape[0], channels, *padded_cond.shape[2:]), generator=generator,
+                        device=cond.device) * sigmas[0].to(cond.device)
+        base = denoiser or self.denoiser
+        if hp.guidance_scale != 1:
+            base = ClassifierFreeGuidance(base, hp.guidance_scale)
+        bound = functools.partial(base, cond=padded_cond)
+        samples = get_sampler(sampler or hp.sampler)(bound, x, sigmas, generator=generator,
+                                                     hook=unpadded_hook(hook, pad), callback=callback)
+        return crop(samples, pad).reshape(members, cond.shape[0], channels, *spatial)
+
+    @property
+    def size_multiple(self) -> int:
+        """Spatial sizes the network accepts are multiples of this (2 ** number of down-samplings)."""
+        levels = len(getattr(self.net, "config", {}).get("channels", (0,)))
+        return 2 ** max(levels - 1, 0)
+
+    # ---------------------------------------------------------------------------------- optimizer
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer else 10_000
+        warmup = min(hp.warmup_steps, total // 2)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(total - warmup, 1)
+            return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def net_config(net: nn.Module) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` of a network that records its arguments in ``net.config``.
+
+    Stored in every checkpoint so that a checkpoint alone rebuilds its network (see :mod:`medidiff.checkpoint`).
+    """
+    cls = type(net)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(getattr(net, "config", {}))}
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, list[int]]:
+    """Replicate-pad the spatial axes of ``(B, C, *spatial)`` up to multiples of ``multiple``."""
+    pad: list[int] = []
+    for size in reversed(x.shape[2:]):
+        extra = (-size) % multiple
+        pad += [extra // 2, extra - extra // 2]
+    if not any(pad):
+        return x, pad
+    return F.pad(x, pad, mode="replicate"), pad
+
+
+def crop(x: Tensor, pad: list[int]) -> Tensor:
+    """Undo :func:`pad_to_multiple`."""
+    return x[(slice(None), slice(None)) + _inner_slices(x, pad)] if any(pad) else x
+
+
+def unpadded_hook(hook: Hook | None, pad: list[int]) -> Hook | None:
+    """Run ``hook`` on the unpadded region only, so measurements keep the input's own shape."""
+    if hook is None or not any(pad):
+        return hook
+
+    def wrapped(x0_hat: Tensor, sigma: Tensor, x: Tensor) -> Tensor:
+        inner = crop(x0_hat, pad)
+        fixed = hook(inner.contiguous(), sigma, crop(x, pad).contiguous())
+        out = x0_hat.clone()
+        out[(slice(None), slice(None)) + _inner_slices(x0_hat, pad)] = fixed
+        return out
+
+    return wrapped
+
+
+def _inner_slices(x: Tensor, pad: list[int]) -> tuple[slice, ...]:
+    spatial = x.ndim - 2
+    return tuple(slice(pad[2 * (spatial - 1 - a)], x.shape[a + 2] - pad[2 * (spatial - 1 - a) + 1])
+                 for a in range(spatial))
