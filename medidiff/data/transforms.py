@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
+    AsDiscreted,
     CenterSpatialCropd,
     Compose,
     EnsureTyped,
@@ -86,6 +87,8 @@ def preprocess(
     t += [SelectChannelsd([k], spec.use_indices) for k, spec in inputs.items() if spec.use != spec.channels]
     if with_labels and not derive:
         t.append(RemapLabelsd(["label"], card))
+    if "fov" in labels:  # field-of-view masks are stored 0/255 or 0/1: make them 0/1
+        t.append(AsDiscreted(["fov"], threshold=0.5))
     spatial_keys = images + labels
     if card.spatial_dims == 3:
         t.append(Orientationd(spatial_keys, axcodes=card.orientation, labels=None))  # io.read sets space=RAS
