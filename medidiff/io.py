@@ -1,16 +1,10 @@
-"""Read scans into MONAI ``MetaTensor`` s and write results that line up with them.
+"""Read scans into MONAI ``MetaTensor`` s and write results that line up with them (nnU-Net style: the
+reader returns the properties, the writer takes them back).
 
-``read`` returns a channel-first tensor ``(C, *spatial)`` whose ``meta`` carries the voxel-to-world
-``affine`` (RAS, as NIfTI and MONAI use), ``pixdim`` (NIfTI-style, spacing in ``pixdim[1:1+ndim]``),
-``spacing``, ``orientation`` (axis codes such as ``"LAS"``), ``spatial_shape`` and ``filename_or_obj``.
-``write(array, path, like=reference)`` takes that geometry back, so a prediction opens on top of its
-scan in any viewer. In the spirit of nnU-Net's reader/writer pair: the reader returns the properties,
-the writer takes them back.
-
-Formats: NIfTI (nibabel), a DICOM series given as a folder (SimpleITK), other ITK formats
-(``.mha``, ``.nrrd``; SimpleITK) and 2D images (PNG/TIF/GIF/JPEG/BMP via Pillow; ``(C, H, W)``
-with identity affine, spacing 1). Everything a user can get wrong raises
-:class:`~medidiff.errors.MedidiffError` naming the file.
+``read`` gives ``(C, *spatial)`` with ``meta``: ``affine`` (voxel -> RAS world, as NIfTI and MONAI use),
+``pixdim`` (NIfTI-style), ``spacing``, ``orientation`` (e.g. ``"LAS"``), ``spatial_shape``, ``filename_or_obj``.
+Formats: NIfTI (nibabel), a DICOM series folder and ``.mha``/``.nrrd`` (SimpleITK), 2D PNG/TIF/GIF/JPEG/BMP
+(Pillow; ``(C, H, W)``, identity affine, spacing 1). User errors raise :class:`MedidiffError` naming the file.
 """
 
 from __future__ import annotations
@@ -59,11 +53,11 @@ def read(
         channels: number of channels required, if known.
 
     Returns:
-        ``MetaTensor`` of shape ``(C, *spatial)`` with the metadata listed in the module docstring.
+        ``MetaTensor`` ``(C, *spatial)`` with the metadata listed in the module docstring.
 
     Raises:
-        MedidiffError: missing or unreadable file, empty DICOM folder, NaN/Inf voxels, wrong
-            dimensionality or channel count, non-integer label values.
+        MedidiffError: missing/unreadable file, empty DICOM folder, NaN/Inf voxels, wrong dimensionality
+            or channel count, non-integer label values.
     """
     path = Path(path)
     if not path.exists():
@@ -112,7 +106,7 @@ def _read_2d(path: Path) -> np.ndarray:
         if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P", "LA", "PA"):
             rgb = np.asarray(img.convert("RGB"))
             grey = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
-            # Palette GIFs and RGB-saved masks are grey in disguise: keep one channel.
+            # A palette (GIF masks) or grey+alpha image whose colours are all grey is one channel.
             return rgb[..., 0] if grey and img.mode in ("P", "LA", "PA") else rgb
         return np.asarray(img.convert("F") if img.mode == "F" else img)
 
@@ -227,7 +221,8 @@ def write(
     if not path.name.lower().endswith(NIFTI_SUFFIXES):
         raise MedidiffError("output must be a NIfTI file ending in .nii or .nii.gz", path)
     reference = like if like is not None else (array if isinstance(array, MetaTensor) else None)
-    _refuse_overwrite(path, source_path(reference))
+    for source in {source_path(reference), source_path(array)}:
+        _refuse_overwrite(path, source)
     data = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array)
     affine, ref_shape = _reference_geometry(reference)
     data = _drop_channel_axis(data, ref_shape, resampled=spacing is not None, path=path)
@@ -308,19 +303,14 @@ def check_pair(image: MetaTensor, label: MetaTensor, *, atol: float = 1e-3) -> N
     Raises:
         MedidiffError: naming the label file, when spatial shapes or affines differ.
     """
-    where = source_path(label)
-    other = source_path(image)
+    where, other = source_path(label), source_path(image)
     if tuple(image.shape[1:]) != tuple(label.shape[1:]):
         raise MedidiffError(f"label shape {tuple(label.shape[1:])} differs from image shape "
                             f"{tuple(image.shape[1:])} ({other})", where)
-    a, b = _reference_affine(image), _reference_affine(label)
+    a, b = _reference_geometry(image)[0], _reference_geometry(label)[0]
     if not np.allclose(a, b, atol=atol):
         raise MedidiffError(f"label affine differs from the image's ({other}); they are not on the same grid:\n"
                             f"image\n{np.round(a, 4)}\nlabel\n{np.round(b, 4)}", where)
-
-
-def _reference_affine(reference: Any) -> np.ndarray:
-    return _reference_geometry(reference)[0]
 
 
 def _reference_geometry(reference: Any) -> tuple[np.ndarray, tuple[int, ...] | None]:
