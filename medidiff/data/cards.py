@@ -100,7 +100,9 @@ def load_card(name_or_path: str | os.PathLike, *, check_files: bool = True) -> D
 
     Args:
         name_or_path: a card file, or a card name looked up in :func:`card_search_path`.
-        check_files: also check that every file the card names exists.
+        check_files: check that the data root and every file the card names exist. False when only the
+            card's description is needed (inference, label names): the data may then be absent, and
+            splits list only the cases that can be resolved.
 
     Raises:
         MedidiffError: naming the card file and the missing/misspelled key, bad value or missing file.
@@ -121,10 +123,10 @@ def load_card(name_or_path: str | os.PathLike, *, check_files: bool = True) -> D
     for k, v in _mapping(raw["splits"], "splits", path).items():
         _check_keys(v, _SPLIT, path, f"splits.{k}")
     root = resolve_root(str(raw.get("root", "${shared}")), path)
-    if not root.exists():
+    if check_files and not root.exists():
         raise MedidiffError(f"data root {root} does not exist (for ${{shared}} set MEDIDIFF_SHARED_DATA "
                             "or place the data in ../shared/data beside the repository)", path)
-    splits = {k: _split(k, v, root, path) for k, v in _mapping(raw["splits"], "splits", path).items()}
+    splits = {k: _split(k, v, root, path, check_files) for k, v in raw["splits"].items()}
     for needed in ("train", "val"):
         if needed not in splits:
             raise MedidiffError(f"splits: missing required split '{needed}'", path)
@@ -263,7 +265,7 @@ def _remap(raw: dict | None, others: Any, labels: dict[str, int], path: Path) ->
     return remap, None if others is None else to_class(others, "label_others")
 
 
-def _split(name: str, raw: Any, root: Path, path: Path) -> Split:
+def _split(name: str, raw: Any, root: Path, path: Path, strict: bool = True) -> Split:
     _check_keys(raw, _SPLIT, path, f"splits.{name}")
     if ("pattern" in raw) == ("cases" in raw):
         raise MedidiffError(f"splits.{name}: give exactly one of 'pattern' or 'cases'", path)
@@ -272,17 +274,18 @@ def _split(name: str, raw: Any, root: Path, path: Path) -> Split:
                   **{k: str(_file(root, v, path)) for k, v in case.items() if k != "id"}}
                  for i, case in enumerate(raw["cases"])]
     else:
-        cases = _expand_pattern(raw["pattern"], raw.get("ids"), root, path, f"splits.{name}")
+        cases = _expand_pattern(raw["pattern"], raw.get("ids"), root, path, f"splits.{name}", strict)
     if "take" in raw:
         start, stop = raw["take"]
         cases = cases[start:stop]
-    if not cases:
+    if not cases and strict:
         raise MedidiffError(f"splits.{name}: no cases found (pattern matched no files under {root})", path)
     slices = tuple(int(s) for s in raw["slices"]) if raw.get("slices") else None
     return Split(cases=cases, slices=slices)
 
 
-def _expand_pattern(pattern: dict[str, str], ids: Any, root: Path, path: Path, where: str) -> list[dict]:
+def _expand_pattern(pattern: dict[str, str], ids: Any, root: Path, path: Path, where: str,
+                    strict: bool = True) -> list[dict]:
     """Cases from ``{id}`` patterns; ``ids`` selects among the ids found, by exact value or glob ("41*")."""
     first = pattern.get("image", pattern.get("source_a", ""))
     if "{id}" not in first:
@@ -294,7 +297,7 @@ def _expand_pattern(pattern: dict[str, str], ids: Any, root: Path, path: Path, w
     if ids is not None:
         globs = [str(i) for i in (ids if isinstance(ids, list) else [ids])]
         for glob in globs:
-            if not any(fnmatch.fnmatchcase(i, glob) for i in available):
+            if strict and not any(fnmatch.fnmatchcase(i, glob) for i in available):
                 raise MedidiffError(f"{where}.ids: no file matches id '{glob}' ({root / first})", path)
         selected = [i for i in available if any(fnmatch.fnmatchcase(i, g) for g in globs)]
     return [{"id": i, **{k: str(_file(root, v.replace("{id}", i), path)) for k, v in pattern.items()}}

@@ -16,6 +16,7 @@ whole images (batch size 1), on which :meth:`MedicalDataModule.invert` maps pred
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -80,8 +81,8 @@ class MedicalDataModule(LightningDataModule):
         self.spatial_dims = int(spatial_dims or self.card.spatial_dims)
         self._check_options()
         self.patch_size = tuple(patch_size) if patch_size else DEFAULT_PATCH[self.spatial_dims]
-        self.degradation = degradation if degradation is not None else DEFAULT_DEGRADATION.get(task, {}).get(
-            self.spatial_dims)
+        default = DEFAULT_DEGRADATION.get(task, {}).get(self.spatial_dims)
+        self.degradation = copy.deepcopy(degradation if degradation is not None else default)
         self.num_classes = self.card.num_classes if task == "segmentation" else 0
         self.in_channels = 1 if task == "fusion" else len(self.card.inputs["image"].use)
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
