@@ -237,3 +237,15 @@ def test_bad_degradation_spec():
         degrade(torch.rand(1, 8, 8), {"nosie": {}}, 0)
     with pytest.raises(MedidiffError, match="factor must be >= 1"):
         degrade(torch.rand(1, 8, 8), {"downsample": {"factor": [2, 2, 2]}}, 0)
+
+
+def test_apply_unwraps_user_errors(tmp_path):
+    from monai.transforms import Compose
+
+    from medidiff.data import transforms as T
+    from medidiff.data.cards import load_card
+
+    card = load_card(oblique_card(tmp_path, channels=("T1", "T2")))
+    pipeline = Compose(T.preprocess(card, with_labels=False))
+    with pytest.raises(MedidiffError, match="2 expected"):
+        T.apply(pipeline, {"id": "c", "image": str(tmp_path / "img.nii.gz")})

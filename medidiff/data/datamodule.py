@@ -256,27 +256,14 @@ class SliceDataset(torch.utils.data.Dataset):
         return self.transform(d)
 
 
-def _user_error(call: Callable[[], Any]) -> Any:
-    """Run ``call``; a MedidiffError that MONAI wrapped in "applying transform ..." comes out unwrapped."""
-    try:
-        return call()
-    except RuntimeError as err:
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, MedidiffError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
-
-
 class _Dataset(Dataset):
     def _transform(self, index: int) -> Any:
-        return _user_error(lambda: super(_Dataset, self)._transform(index))
+        return T.user_errors(lambda: super(_Dataset, self)._transform(index))
 
 
 class _CacheDataset(CacheDataset):
     def _load_cache_item(self, idx: int) -> Any:
-        return _user_error(lambda: super(_CacheDataset, self)._load_cache_item(idx))
+        return T.user_errors(lambda: super(_CacheDataset, self)._load_cache_item(idx))
 
     def _transform(self, index: int) -> Any:
-        return _user_error(lambda: super(_CacheDataset, self)._transform(index))
+        return T.user_errors(lambda: super(_CacheDataset, self)._transform(index))

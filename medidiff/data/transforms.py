@@ -10,7 +10,7 @@ the processed grid maps back onto the original scan with :func:`invert`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -44,8 +44,10 @@ from medidiff.data.custom import (
     SelectChannelsd,
     ToLumad,
 )
+from medidiff.errors import MedidiffError
 
-__all__ = ["Task", "Stage", "preprocess", "train_sampling", "centre_patch", "slice_of", "finish", "invert"]
+__all__ = ["Task", "Stage", "preprocess", "train_sampling", "centre_patch", "slice_of", "finish", "invert", "apply",
+           "user_errors"]
 
 Task = Literal["segmentation", "restoration", "superres", "fusion"]
 Stage = Literal["train", "val", "test", "predict"]
@@ -188,6 +190,24 @@ def invert(pred: torch.Tensor, reference: MetaTensor, transform: Compose, *, nea
     data = {"pred": MetaTensor(torch.as_tensor(pred).detach().cpu()), "image": reference}
     inverter = Invertd("pred", transform=transform, orig_keys="image", nearest_interp=nearest)
     return inverter(data)["pred"]
+
+
+def apply(pipeline: Compose, data: dict[str, Any]) -> dict[str, Any]:
+    """Run a pipeline on one case; a user error inside it comes out as :class:`MedidiffError`."""
+    return user_errors(lambda: pipeline(data))
+
+
+def user_errors(call: Callable[[], Any]) -> Any:
+    """Run ``call``; a MedidiffError that MONAI wrapped in "applying transform ..." comes out unwrapped."""
+    try:
+        return call()
+    except RuntimeError as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, MedidiffError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def _normaliser(key: str, spec: InputSpec) -> MapTransform:
