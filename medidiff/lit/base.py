@@ -71,6 +71,7 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.hparams["net_config"] = net_config(net)
+        self.hparams["task"] = self.task
         get_sampler(sampler)  # fail at construction on a misspelled sampler, not after training
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         betas = beta_schedule(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)

@@ -1,0 +1,95 @@
+"""Load checkpoints without running code hidden in them.
+
+Every load goes through ``torch.load(..., weights_only=True)``, which refuses pickled Python objects other
+than tensors and plain containers. The network is rebuilt from the ``net_config`` every medidiff checkpoint
+carries, and only from classes inside ``medidiff.nets`` or ``monai.networks.nets``: a checkpoint can choose
+among known networks, never name arbitrary code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medidiff.errors import MedidiffError
+
+ALLOWED_NETWORK_MODULES = ("medidiff.nets", "monai.networks.nets")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's contents, loaded with ``weights_only=True``; clear errors for every failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise MedidiffError("checkpoint not found", path)
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise MedidiffError(f"refused to load: the checkpoint holds pickled Python objects, not only weights, "
+                            f"and loading them could run code ({str(err).splitlines()[0][:200]})", path) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise MedidiffError(f"is not a readable checkpoint ({str(err).splitlines()[0][:200]})", path) from None
+    if not isinstance(content, dict) or "state_dict" not in content or "hyper_parameters" not in content:
+        raise MedidiffError("is not a medidiff checkpoint (no state_dict / hyper_parameters)", path)
+    return content
+
+
+def build_network(config: dict[str, Any], path: str | os.PathLike) -> torch.nn.Module:
+    """Instantiate ``{"class_path", "init_args"}`` if the class lives in an allowed module."""
+    class_path = str(config.get("class_path", ""))
+    module_name, _, class_name = class_path.rpartition(".")
+    if not any(module_name == m or module_name.startswith(m + ".") for m in ALLOWED_NETWORK_MODULES):
+        raise MedidiffError(f"refused network class '{class_path}': only classes from "
+                            f"{', '.join(ALLOWED_NETWORK_MODULES)} are built from checkpoints", path)
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        raise MedidiffError(f"network class '{class_path}' does not exist", path)
+    return cls(**config.get("init_args", {}))
+
+
+def load_module(path: str | os.PathLike, *, task: str | None = None, spatial_dims: int | None = None):
+    """Rebuild a trained task module (in eval mode) and return it with the data module's settings.
+
+    Args:
+        path: a checkpoint written by ``medidiff fit`` (Lightning) or ``medidiff export``.
+        task: if given, the checkpoint must be of this task.
+        spatial_dims: if given, the network must be of this dimension.
+
+    Returns:
+        ``(module, data_hparams)``; ``data_hparams`` holds the card name, patch size etc. used in training.
+    """
+    from medidiff.lit import TASKS
+
+    content = read_checkpoint(path)
+    hparams = dict(content["hyper_parameters"])
+    found = hparams.pop("task", None)
+    if found not in TASKS:
+        raise MedidiffError(f"does not say which task it was trained for (task={found!r})", path)
+    if task is not None and found != task:
+        raise MedidiffError(f"is a {found} checkpoint, not a {task} one", path)
+    net = build_network(hparams.pop("net_config", {}), path)
+    if spatial_dims is not None and getattr(net, "spatial_dims", spatial_dims) != spatial_dims:
+        raise MedidiffError(f"holds a {net.spatial_dims}D network but the input is {spatial_dims}D", path)
+    options = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    module = TASKS[found](net=net, **options)
+    try:
+        module.load_state_dict(content["state_dict"])
+    except RuntimeError as err:
+        raise MedidiffError(f"weights do not fit the network they claim ({str(err)[:300]})", path) from None
+    return module.eval(), dict(content.get("datamodule_hyper_parameters", {}))
+
+
+def export(module, data_hparams: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write a small inference checkpoint: weights and settings only, no optimizer state (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+               "datamodule_hyper_parameters": dict(data_hparams)}
+    temporary = path.with_name(f".{path.name}.partial")
+    torch.save(content, temporary)
+    os.replace(temporary, path)
+    return path

@@ -1,0 +1,115 @@
+"""medidiff's own commands: ``infer``, ``evaluate`` and ``export`` (LightningCLI handles ``fit`` etc.)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Sequence
+
+from medidiff.errors import MedidiffError
+
+TASK_NAMES = ("segmentation", "restoration", "superres", "fusion")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medidiff", description="Conditional diffusion for medical imaging. "
+                                     "Training: medidiff fit|validate|test|predict --config CONFIG.yaml")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    infer = sub.add_parser("infer", help="run a trained model on a scan or a folder of scans")
+    infer.add_argument("--task", choices=TASK_NAMES, required=True)
+    infer.add_argument("--ckpt", type=Path, required=True, help="checkpoint from `medidiff fit` or `export`")
+    infer.add_argument("--input", required=True, help="a scan, a DICOM series folder, or a folder of scans")
+    infer.add_argument("--output", type=Path, required=True, help="folder for the results")
+    infer.add_argument("--sampler", default=None, help="sampler name (default: the checkpoint's)")
+    infer.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
+    infer.add_argument("--grid", default=None, choices=("karras", "exponential", "trailing", "leading", "linspace"))
+    infer.add_argument("--ensemble", type=int, default=1, help="samples per case, drawn as one batch")
+    infer.add_argument("--fusion", default="mean", choices=("mean", "vote", "staple"),
+                       help="how ensemble members become one label map")
+    infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+
+    evaluate = sub.add_parser("evaluate", help="score predictions against references, file to file")
+    evaluate.add_argument("--task", choices=TASK_NAMES, required=True)
+    evaluate.add_argument("--pred", type=Path, required=True)
+    evaluate.add_argument("--ref", type=Path, help="reference folder (segmentation, restoration, superres)")
+    evaluate.add_argument("--card", help="data card: label names, label remap and data range")
+    evaluate.add_argument("--region", type=Path, help="folder of region masks (e.g. DRIVE field of view)")
+    evaluate.add_argument("--source-a", type=Path, help="fusion: first source folder")
+    evaluate.add_argument("--source-b", type=Path, help="fusion: second source folder")
+    evaluate.add_argument("--data-range", type=float, default=None, help="image tasks: intensity range")
+    evaluate.add_argument("--out", type=Path, required=True, help="JSON file with per-case rows and a summary")
+
+    export = sub.add_parser("export", help="shrink a training checkpoint to weights and settings")
+    export.add_argument("--ckpt", type=Path, required=True)
+    export.add_argument("--out", type=Path, required=True)
+    return parser
+
+
+def run_command(argv: Sequence[str]) -> None:
+    args = _parser().parse_args(list(argv))
+    {"infer": _infer, "evaluate": _evaluate, "export": _export}[args.command](args)
+
+
+def _infer(args: argparse.Namespace) -> None:
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medidiff.checkpoint import load_module
+    from medidiff.inference import SamplingOptions, infer
+
+    if args.task != "segmentation":
+        raise MedidiffError(f"`medidiff infer --task {args.task}` is not implemented yet; segmentation is")
+    module, data_hparams = load_module(args.ckpt, task=args.task)
+    module.to(torch.device(args.device))
+    hp = module.hparams
+    options = SamplingOptions(sampler=args.sampler or hp.sampler, steps=args.steps or hp.steps,
+                              grid=args.grid or hp.grid, ensemble=args.ensemble, seed=args.seed, fusion=args.fusion)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn()) as bars:
+        def progress_factory(case: str):
+            bar = bars.add_task(f"{case}: sampling ({options.sampler}, {options.steps} steps, "
+                                f"ensemble {options.ensemble})", total=None)
+            return lambda done, total: bars.update(bar, completed=done, total=total)
+
+        written = infer(module, data_hparams, args.input, args.output, options, args.ckpt,
+                        report=bars.console.print, progress_factory=progress_factory)
+    print(f"wrote {len(written)} files to {args.output}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from medidiff.metrics import evaluate as E
+
+    if args.task == "fusion":
+        if not (args.source_a and args.source_b):
+            raise MedidiffError("fusion evaluation needs --source-a and --source-b")
+        result = E.evaluate_fusion(args.pred, args.source_a, args.source_b, out_json=args.out)
+    elif args.ref is None:
+        raise MedidiffError(f"{args.task} evaluation needs --ref")
+    elif args.task == "segmentation":
+        labels, remap = _card_labels(args.card)
+        result = E.evaluate_segmentation(args.pred, args.ref, labels=labels, region_dir=args.region,
+                                         label_remap=remap, out_json=args.out)
+    else:
+        result = E.evaluate_image(args.pred, args.ref, data_range=args.data_range or 1.0, out_json=args.out)
+    for metric, stats in result["summary"].items():
+        print(f"{metric:24s} mean {stats['mean']:.4f}  std {stats['std']:.4f}  n {stats['n']}")
+    print(f"per-case results: {args.out}")
+
+
+def _card_labels(card_name: str | None) -> tuple[dict[str, int] | None, dict[int, int] | None]:
+    if card_name is None:
+        return None, None
+    from medidiff.data.cards import load_card
+
+    card = load_card(card_name, check_files=False)
+    return dict(card.labels), dict(card.label_remap) if card.label_remap else None
+
+
+def _export(args: argparse.Namespace) -> None:
+    from medidiff.checkpoint import export, load_module
+
+    module, data_hparams = load_module(args.ckpt)
+    path = export(module, data_hparams, args.out)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

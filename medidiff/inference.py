@@ -1,0 +1,180 @@
+"""File-level inference: scans in, predictions out on the scans' own grid, with provenance beside them.
+
+One case at a time: read and preprocess exactly as in training (the data card stored in the checkpoint),
+draw the ensemble as one batch through the task module, map the result back onto the original scan and
+write NIfTI (plus PNG for 2D inputs) with the input's metadata, atomically. A case whose outputs all exist
+is skipped, so an interrupted run over a folder resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from monai.transforms import Compose
+
+from medidiff import io
+from medidiff.data import transforms as T
+from medidiff.data.cards import load_card
+from medidiff.errors import MedidiffError
+from medidiff.metrics.evaluate import case_name
+from medidiff.metrics.segmentation import (
+    ensemble_variance,
+    fuse_majority_vote,
+    fuse_mean_threshold,
+    fuse_staple,
+    predictive_entropy,
+)
+from medidiff.sliding import SlidingWindowDenoiser
+
+
+@dataclass
+class SamplingOptions:
+    sampler: str = "dpmpp_2m"
+    steps: int = 10
+    grid: str = "exponential"
+    ensemble: int = 1
+    seed: int = 0
+    fusion: str = "mean"  # segmentation ensembles: mean | vote | staple
+    slice_batch: int = 8
+
+
+def list_inputs(path: str | os.PathLike) -> list[Path]:
+    """A file, a DICOM folder (one case), or a folder of scans (one case per file)."""
+    path = Path(path)
+    if not path.exists():
+        raise MedidiffError("input not found", path)
+    if path.is_file() or any(p.suffix.lower() == ".dcm" or p.name.startswith("CT.") for p in path.iterdir()):
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise MedidiffError("folder holds no input files", path)
+    return files
+
+
+def check_output_dir(output: Path, inputs: list[Path]) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    if not os.access(output, os.W_OK):
+        raise MedidiffError("output folder is not writable", output)
+    for path in inputs:
+        if path.resolve() == output.resolve() or (path.is_dir() and output.resolve().is_relative_to(path.resolve())):
+            raise MedidiffError("output folder must not be an input or inside one", output)
+
+
+def preprocess_case(card_name: str, path: Path) -> tuple[dict[str, Any], Compose]:
+    """Read one scan and bring it onto the card's grid and intensity scale, as in training."""
+    card = load_card(card_name, check_files=False)
+    pipeline = Compose(T.preprocess(card, inputs={"image": card.inputs["image"]}, with_labels=False))
+    return pipeline({"id": case_name(path.name) or path.name, "image": str(path)}), pipeline
+
+
+def sample_probabilities(module, image: torch.Tensor, options: SamplingOptions, patch_size, progress=None):
+    """Ensemble of decoded samples ``(N, C, *spatial)`` for one preprocessed image ``(C_in, *spatial)``."""
+    spatial_dims = module.net.spatial_dims
+    kwargs = dict(sampler=options.sampler, steps=options.steps, grid=options.grid, ensemble=options.ensemble,
+                  seed=options.seed)
+    if image.ndim - 1 == spatial_dims:
+        denoiser = None
+        if spatial_dims == 3 and patch_size and any(s > p for s, p in zip(image.shape[1:], patch_size)):
+            denoiser = SlidingWindowDenoiser(module.denoiser, patch_size)
+        out = module.decode(module.sample(image[None].float(), denoiser=denoiser, **kwargs))[:, 0]
+        if progress:
+            progress(1, 1)
+        return out
+    return _slice_wise(module, image, kwargs, options.slice_batch, progress)
+
+
+def _slice_wise(module, volume: torch.Tensor, kwargs: dict, chunk: int, progress) -> torch.Tensor:
+    """A 2D model over a 3D volume: slices along the last axis, ``chunk`` slices per sampler call."""
+    depth = volume.shape[-1]
+    parts = []
+    for start in range(0, depth, chunk):
+        slices = volume[..., start:start + chunk].movedim(-1, 0).float()  # (S, C, H, W)
+        parts.append(module.decode(module.sample(slices, **kwargs)))  # (N, S, C, H, W)
+        if progress:
+            progress(min(start + chunk, depth), depth)
+    return torch.cat(parts, dim=1).movedim(1, -1)  # (N, C, H, W, D)
+
+
+def segmentation_outputs(module, probs: torch.Tensor, fusion: str) -> dict[str, np.ndarray]:
+    """Label map, ensemble-mean probability and uncertainty maps from ``(N, C, *spatial)`` probabilities."""
+    p = probs.cpu().numpy()
+    binary = module.hparams.num_classes == 2
+    members = module.label_map(probs).cpu().numpy()[:, 0]  # (N, *spatial)
+    if fusion == "mean":
+        labels = fuse_mean_threshold(p, module.hparams.threshold) if binary else p.mean(0).argmax(0)
+    elif fusion == "vote":
+        labels = fuse_majority_vote(members, module.hparams.num_classes)
+    elif fusion == "staple":
+        labels = fuse_staple(members, module.hparams.num_classes)
+    else:
+        raise MedidiffError(f"unknown ensemble fusion '{fusion}'; choose mean, vote or staple")
+    class_probs = np.concatenate([1 - p, p], axis=1) if binary else p
+    return {"seg": np.asarray(labels)[None].astype(np.int16), "prob": p.mean(0).astype(np.float32),
+            "entropy": predictive_entropy(class_probs)[None].astype(np.float32),
+            "variance": ensemble_variance(class_probs).sum(0, keepdims=True).astype(np.float32)}
+
+
+def provenance(options: SamplingOptions, checkpoint: Path, seconds: float, extra: dict | None = None) -> dict:
+    import monai
+
+    import medidiff
+
+    from medidiff.core import nfe_of
+
+    return {"checkpoint": str(checkpoint), **asdict(options), "nfe": nfe_of(options.sampler, options.steps),
+            "seconds": round(seconds, 3), "medidiff": medidiff.__version__, "torch": torch.__version__,
+            "monai": monai.__version__, "machine": platform.machine(), **(extra or {})}
+
+
+def write_case(outputs: dict[str, np.ndarray], reference: dict[str, Any], pipeline: Compose, source: Path,
+               output: Path, case: str, info: dict) -> list[Path]:
+    """Map each output back onto the source scan and write it (NIfTI, plus PNG for 2D), then the JSON."""
+    written = []
+    two_d = reference["image"].ndim == 3
+    for name, array in outputs.items():
+        restored = T.invert(torch.as_tensor(array), reference["image"], pipeline, nearest=name == "seg")
+        path = output / f"{case}_{name}.nii.gz"
+        io.write(restored, path, like=source if source.is_file() else reference["image"])
+        written.append(path)
+        if two_d:
+            png = output / f"{case}_{name}.png"
+            image = restored[0].numpy()
+            scaled = image * 255 if name != "seg" else image * (255 // max(int(image.max()), 1))
+            io.write_png(scaled.clip(0, 255).astype(np.uint8), png)
+            written.append(png)
+    info_path = output / f"{case}.json"
+    temporary = info_path.with_name(f".{info_path.name}.partial")
+    temporary.write_text(json.dumps(info, indent=1))
+    os.replace(temporary, info_path)  # written last: its presence marks a complete case
+    return written + [info_path]
+
+
+def infer(module, data_hparams: dict, input_path: str | os.PathLike, output: str | os.PathLike,
+          options: SamplingOptions, checkpoint: Path, report: Callable[[str], None] = print,
+          progress_factory: Callable[[str], Callable] | None = None) -> list[Path]:
+    """Run a segmentation checkpoint over a file or folder; returns the files written."""
+    inputs, output = list_inputs(input_path), Path(output)
+    check_output_dir(output, inputs)
+    written: list[Path] = []
+    for source in inputs:
+        case = case_name(source.name) or source.name
+        if (output / f"{case}.json").exists():
+            report(f"{case}: outputs exist, skipped")
+            continue
+        start = time.perf_counter()
+        reference, pipeline = preprocess_case(data_hparams["card"], source)
+        progress = progress_factory(case) if progress_factory else None
+        probs = sample_probabilities(module, reference["image"], options, data_hparams.get("patch_size"), progress)
+        outputs = segmentation_outputs(module, probs, options.fusion)
+        info = provenance(options, checkpoint, time.perf_counter() - start, {"case": case, "input": str(source)})
+        written += write_case(outputs, reference, pipeline, source, output, case, info)
+        report(f"{case}: done in {info['seconds']:.1f} s")
+    return written
