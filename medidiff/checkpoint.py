@@ -62,20 +62,22 @@ def load_module(path: str | os.PathLike, *, task: str | None = None, spatial_dim
     Returns:
         ``(module, data_hparams)``; ``data_hparams`` holds the card name, patch size etc. used in training.
     """
-    from medidiff.lit import TASKS
+    from medidiff.lit import MODULES
 
     content = read_checkpoint(path)
     hparams = dict(content["hyper_parameters"])
     found = hparams.pop("task", None)
-    if found not in TASKS:
-        raise MedidiffError(f"does not say which task it was trained for (task={found!r})", path)
+    # checkpoints written before the "module" key existed were all diffusion segmenters
+    module_name = hparams.pop("module", None) or {"segmentation": "SegmentationDiffusion"}.get(found)
+    if module_name not in MODULES:
+        raise MedidiffError(f"names no known medidiff module (module={module_name!r})", path)
     if task is not None and found != task:
         raise MedidiffError(f"is a {found} checkpoint, not a {task} one", path)
     net = build_network(hparams.pop("net_config", {}), path)
     if spatial_dims is not None and getattr(net, "spatial_dims", spatial_dims) != spatial_dims:
         raise MedidiffError(f"holds a {net.spatial_dims}D network but the input is {spatial_dims}D", path)
     options = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    module = TASKS[found](net=net, **options)
+    module = MODULES[module_name](net=net, **options)
     try:
         module.load_state_dict(content["state_dict"])
     except RuntimeError as err:

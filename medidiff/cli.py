@@ -20,11 +20,12 @@ def run_lightning(argv: Sequence[str]) -> None:
 
     from lightning.pytorch.cli import LightningCLI
 
+    import lightning as L
+
     from medidiff.data.datamodule import MedicalDataModule
-    from medidiff.lit import DiffusionModule
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    LightningCLI(DiffusionModule, MedicalDataModule, subclass_mode_model=True, args=list(argv),
+    LightningCLI(L.LightningModule, MedicalDataModule, subclass_mode_model=True, args=list(argv),
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
 
 

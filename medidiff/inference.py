@@ -72,7 +72,7 @@ def preprocess_case(card_name: str, path: Path) -> tuple[dict[str, Any], Compose
     """Read one scan and bring it onto the card's grid and intensity scale, as in training."""
     card = load_card(card_name, check_files=False)
     pipeline = Compose(T.preprocess(card, inputs={"image": card.inputs["image"]}, with_labels=False))
-    return pipeline({"id": case_name(path.name) or path.name, "image": str(path)}), pipeline
+    return T.apply(pipeline, {"id": case_name(path.name) or path.name, "image": str(path)}), pipeline
 
 
 def sample_probabilities(module, image: torch.Tensor, options: SamplingOptions, patch_size, progress=None):
@@ -84,7 +84,7 @@ def sample_probabilities(module, image: torch.Tensor, options: SamplingOptions, 
         denoiser = None
         if spatial_dims == 3 and patch_size and any(s > p for s, p in zip(image.shape[1:], patch_size)):
             denoiser = SlidingWindowDenoiser(module.denoiser, patch_size)
-        out = module.decode(module.sample(image[None].float(), denoiser=denoiser, **kwargs))[:, 0]
+        out = module.predict_probabilities(image[None].float(), denoiser=denoiser, **kwargs)[:, 0]
         if progress:
             progress(1, 1)
         return out
@@ -97,7 +97,7 @@ def _slice_wise(module, volume: torch.Tensor, kwargs: dict, chunk: int, progress
     parts = []
     for start in range(0, depth, chunk):
         slices = volume[..., start:start + chunk].movedim(-1, 0).float()  # (S, C, H, W)
-        parts.append(module.decode(module.sample(slices, **kwargs)))  # (N, S, C, H, W)
+        parts.append(module.predict_probabilities(slices, **kwargs))  # (N, S, C, H, W)
         if progress:
             progress(min(start + chunk, depth), depth)
     return torch.cat(parts, dim=1).movedim(1, -1)  # (N, C, H, W, D)
@@ -136,24 +136,29 @@ def provenance(options: SamplingOptions, checkpoint: Path, seconds: float, extra
 
 def write_case(outputs: dict[str, np.ndarray], reference: dict[str, Any], pipeline: Compose, source: Path,
                output: Path, case: str, info: dict) -> list[Path]:
-    """Map each output back onto the source scan and write it (NIfTI, plus PNG for 2D), then the JSON."""
+    """Map each output back onto the source scan and write it, then the provenance JSON.
+
+    Layout: the label map (or the task's main output) is ``<output>/<case>.nii.gz`` so that the folder can be
+    passed to ``medidiff evaluate`` as is; the other maps go to ``<output>/<kind>/<case>.nii.gz``, PNG previews
+    of 2D inputs to ``<output>/png/``, and ``<output>/provenance/<case>.json`` is written last: its presence
+    marks a complete case.
+    """
     written = []
     two_d = reference["image"].ndim == 3
-    for name, array in outputs.items():
+    like = source if source.is_file() else reference["image"]
+    for index, (name, array) in enumerate(outputs.items()):
         restored = T.invert(torch.as_tensor(array), reference["image"], pipeline, nearest=name == "seg")
-        path = output / f"{case}_{name}.nii.gz"
-        io.write(restored, path, like=source if source.is_file() else reference["image"])
-        written.append(path)
+        folder = output if index == 0 else output / name
+        written.append(io.write(restored, folder / f"{case}.nii.gz", like=like))
         if two_d:
-            png = output / f"{case}_{name}.png"
-            image = restored[0].numpy()
-            scaled = image * 255 if name != "seg" else image * (255 // max(int(image.max()), 1))
-            io.write_png(scaled.clip(0, 255).astype(np.uint8), png)
-            written.append(png)
-    info_path = output / f"{case}.json"
+            image = restored[0].numpy().astype(np.float32)
+            value_range = {"seg": (0.0, float(max(image.max(), 1))), "prob": (0.0, 1.0)}.get(name)
+            written.append(io.write_png(image, output / "png" / f"{case}_{name}.png", value_range=value_range))
+    info_path = output / "provenance" / f"{case}.json"
+    info_path.parent.mkdir(parents=True, exist_ok=True)
     temporary = info_path.with_name(f".{info_path.name}.partial")
     temporary.write_text(json.dumps(info, indent=1))
-    os.replace(temporary, info_path)  # written last: its presence marks a complete case
+    os.replace(temporary, info_path)
     return written + [info_path]
 
 
@@ -166,7 +171,7 @@ def infer(module, data_hparams: dict, input_path: str | os.PathLike, output: str
     written: list[Path] = []
     for source in inputs:
         case = case_name(source.name) or source.name
-        if (output / f"{case}.json").exists():
+        if (output / "provenance" / f"{case}.json").exists():
             report(f"{case}: outputs exist, skipped")
             continue
         start = time.perf_counter()

@@ -80,3 +80,29 @@ class ConditionalUNet(nn.Module):
                 raise ValueError(f"network expects a condition with {self.cond_channels} channels, got {got}")
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
         return self.unet(x, t)
+
+
+class PlainUNet(nn.Module):
+    """MONAI's ``UNet`` (residual units) for deterministic baselines, recording its arguments for checkpoints.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: image channels.
+        out_channels: classes (logits) or image channels (regression).
+        channels, strides, num_res_units: as in ``monai.networks.nets.UNet``.
+    """
+
+    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2,
+                 channels: Sequence[int] = (16, 32, 64, 128), strides: Sequence[int] = (2, 2, 2),
+                 num_res_units: int = 2):
+        super().__init__()
+        from monai.networks.nets import UNet
+
+        self.config = {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
+                       "channels": list(channels), "strides": list(strides), "num_res_units": num_res_units}
+        self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
+        self.unet = UNet(spatial_dims, in_channels, out_channels, tuple(channels), tuple(strides),
+                         num_res_units=num_res_units)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.unet(x)

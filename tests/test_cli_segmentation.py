@@ -50,19 +50,19 @@ def test_infer_writes_label_probability_and_uncertainty_with_the_input_geometry(
     code = main(["infer", "--task", "segmentation", "--ckpt", str(tiny_seg_checkpoint), "--input", str(scan.parent),
                  "--output", str(out), "--steps", "2", "--ensemble", "3", "--fusion", "staple"])
     assert code == 0
-    for kind in ("seg", "prob", "entropy", "variance"):
-        written = nib.load(out / f"oblique_{kind}.nii.gz")
+    for kind in ("", "prob/", "entropy/", "variance/"):
+        written = nib.load(out / f"{kind}oblique.nii.gz")
         assert written.shape[:3] == (73, 90, 6), kind
         assert np.allclose(written.affine, oblique, atol=1e-4), kind
-    labels = np.asanyarray(nib.load(out / "oblique_seg.nii.gz").dataobj)
+    labels = np.asanyarray(nib.load(out / "oblique.nii.gz").dataobj)
     assert set(np.unique(labels)) <= {0, 1, 2}
-    info = json.loads((out / "oblique.json").read_text())
+    info = json.loads((out / "provenance" / "oblique.json").read_text())
     assert info["seed"] == 0 and info["ensemble"] == 3 and info["nfe"] == 2 and "torch" in info
     # a second run skips the finished case and leaves it untouched
-    before = (out / "oblique_seg.nii.gz").stat().st_mtime_ns
+    before = (out / "oblique.nii.gz").stat().st_mtime_ns
     assert main(["infer", "--task", "segmentation", "--ckpt", str(tiny_seg_checkpoint), "--input", str(scan),
                  "--output", str(out), "--steps", "2"]) == 0
-    assert (out / "oblique_seg.nii.gz").stat().st_mtime_ns == before
+    assert (out / "oblique.nii.gz").stat().st_mtime_ns == before
 
 
 def test_same_seed_gives_identical_outputs(tiny_seg_checkpoint, tmp_path):
@@ -70,7 +70,7 @@ def test_same_seed_gives_identical_outputs(tiny_seg_checkpoint, tmp_path):
     for name in ("a", "b"):
         assert main(["infer", "--task", "segmentation", "--ckpt", str(tiny_seg_checkpoint), "--input",
                      str(SAMPLE_T1), "--output", str(tmp_path / name), "--steps", "2", "--seed", "3"]) == 0
-        runs.append(np.asanyarray(nib.load(tmp_path / name / "t1_2mm_prob.nii.gz").dataobj))
+        runs.append(np.asanyarray(nib.load(tmp_path / name / "prob" / "t1_2mm.nii.gz").dataobj))
     assert np.array_equal(runs[0], runs[1])
 
 
@@ -99,7 +99,8 @@ def test_checkpoint_of_another_task_and_a_malicious_pickle_are_refused(tiny_seg_
             return (Path(tmp_path / "pwned").touch, ())
 
     evil = tmp_path / "evil.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"task": "segmentation"}, "x": Payload()}, evil)
+    torch.save({"state_dict": {}, "hyper_parameters": {"task": "segmentation", "module": "UNetSegmenter"},
+                "x": Payload()}, evil)
     assert main(["infer", "--task", "segmentation", "--ckpt", str(evil), "--input", str(SAMPLE_T1),
                  "--output", str(tmp_path / "o2")]) == 2
     assert not (tmp_path / "pwned").exists()

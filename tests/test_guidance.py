@@ -132,3 +132,15 @@ def test_drop_condition_zeroes_whole_samples():
     assert set(per_sample.unique().tolist()) == {0.0, 1.0}
     assert abs((per_sample == 0).float().mean().item() - 0.3) < 0.05
     assert drop_condition(cond, 0.0) is cond
+
+
+def test_downsample_consistency_on_sizes_that_are_not_multiples_of_the_factor():
+    """Edge-replicated padding makes the projection exact on the image's own voxels too (box model)."""
+    truth, estimate = _image((1, 1, 10, 9, 7), 0), _image((1, 1, 10, 9, 7), 1)
+    factors = (1, 2, 4)
+    lowres = downsample(truth, factors)
+    assert lowres.shape == (1, 1, 10, 5, 2)
+    projected = DownsampleConsistency(lowres, factors)(estimate, torch.ones(1), estimate)
+    assert projected.shape == estimate.shape
+    # every low-resolution voxel made only of real voxels is matched exactly
+    assert torch.allclose(downsample(projected, factors)[..., :4, :1], lowres[..., :4, :1], atol=1e-12)

@@ -85,7 +85,7 @@ class DownsampleConsistency:
 
     def __call__(self, x0_hat: Tensor, sigma: Tensor, x: Tensor) -> Tensor:
         residual = self.lowres.to(x0_hat.dtype) - downsample(x0_hat, self.factors)
-        return x0_hat + self.weight * upsample_nearest(residual, self.factors)
+        return x0_hat + self.weight * upsample_nearest(residual, self.factors, x0_hat.shape[2:])
 
 
 class GradientStep:

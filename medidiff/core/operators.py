@@ -130,16 +130,33 @@ def undersample(image: Tensor, mask: Tensor, dims: int | None = None) -> tuple[T
 
 
 def downsample(x: Tensor, factors: Sequence[int]) -> Tensor:
-    """Average-pool each spatial axis by its integer factor: a thick-slice or low-resolution acquisition."""
+    """Average-pool each spatial axis by its integer factor: a thick-slice or low-resolution acquisition.
+
+    Axes whose size is not a multiple of their factor are first padded at the end by edge replication, so
+    every low-resolution voxel averages exactly ``prod(factors)`` voxels.
+    """
     factors = tuple(int(f) for f in factors)
     if len(factors) != x.ndim - 2:
         raise ValueError(f"need one factor per spatial axis of {tuple(x.shape)}, got {factors}")
+    x = _pad_to_factors(x, factors)
     pool = F.avg_pool2d if x.ndim == 4 else F.avg_pool3d
     return pool(x, kernel_size=factors, stride=factors)
 
 
-def upsample_nearest(x: Tensor, factors: Sequence[int]) -> Tensor:
-    """Replicate voxels by integer factors: the right inverse of :func:`downsample`."""
+def upsample_nearest(x: Tensor, factors: Sequence[int], size: Sequence[int] | None = None) -> Tensor:
+    """Replicate voxels by integer factors (the right inverse of :func:`downsample`), cropped to ``size``."""
     for axis, factor in enumerate(factors, start=2):
         x = x.repeat_interleave(int(factor), dim=axis)
+    if size is not None:
+        x = x[(slice(None), slice(None)) + tuple(slice(0, int(n)) for n in size)]
     return x
+
+
+def _pad_to_factors(x: Tensor, factors: Sequence[int]) -> Tensor:
+    pad: list[int] = []
+    for size, factor in zip(reversed(x.shape[2:]), reversed(factors)):
+        pad += [0, (-size) % factor]
+    if not any(pad):
+        return x
+    mode = "replicate" if x.ndim in (4, 5) else "constant"
+    return F.pad(x, pad, mode=mode)

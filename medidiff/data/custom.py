@@ -212,6 +212,10 @@ class Degraded(Randomizable, MapTransform):
         seed = self._seed if self.random else case_seed(self.seed, d)
         degraded, extras = degrade_with_extras(d[self.key], self.spec, seed)
         d[self.out_key] = degraded
+        # what a data-consistency step needs travels with the batch (low_res only for the exact box model,
+        # whose shape is fixed by the patch size; the Gaussian model's low-res grid is not used by any hook)
         d.update({k: v for k, v in extras.items() if k == "kspace_mask"})
+        if self.spec.get("downsample", {}).get("model") == "average":
+            d["low_res"] = extras["low_res"]
         d["degradation_seed"] = seed
         return d

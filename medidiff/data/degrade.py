@@ -115,6 +115,8 @@ def _downsample(x: torch.Tensor, options: dict, affine: np.ndarray, generator, e
     if len(factors) != spatial or min(factors) < 1:
         raise MedidiffError(f"degradation 'downsample': factor must be >= 1, one per spatial axis "
                             f"({spatial}), got {factor}")
+    if options.get("model", "gaussian") == "average":
+        return _downsample_average(x, factors, options, extras)
     image = _as_tio(x, affine)
     factors3 = np.array(factors + [1.0] * (3 - spatial))
     # Slice-profile model: the low-resolution voxel's point-spread function is a Gaussian whose FWHM is the
@@ -125,6 +127,24 @@ def _downsample(x: torch.Tensor, options: dict, affine: np.ndarray, generator, e
     back = tio.Resample((image.spatial_shape, image.affine), image_interpolation=interpolation)(low)
     extras["low_res"] = low.data[..., 0] if spatial == 2 else low.data
     return back.data[..., 0] if spatial == 2 else back.data
+
+
+def _downsample_average(x: torch.Tensor, factors: list[float], options: dict, extras) -> torch.Tensor:
+    """Box slice profile: each low-resolution voxel is the mean of the voxels it covers.
+
+    This is exactly the forward model of :class:`medidiff.core.guidance.DownsampleConsistency`, so the
+    super-resolution data-consistency step can hold ``downsample(estimate) == low_res`` exactly.
+    """
+    from medidiff.core.operators import downsample
+
+    if any(f != int(f) for f in factors):
+        raise MedidiffError(f"degradation 'downsample' with model 'average' needs integer factors, got {factors}")
+    low = downsample(x[None], [int(f) for f in factors])
+    mode = {"linear": "bilinear" if x.ndim == 3 else "trilinear", "nearest": "nearest"}[
+        options.get("interpolation", "linear")]
+    back = torch.nn.functional.interpolate(low, scale_factor=[float(f) for f in factors], mode=mode)
+    extras["low_res"] = low[0]
+    return back[(0, slice(None)) + tuple(slice(0, n) for n in x.shape[1:])]
 
 
 def _kspace(x: torch.Tensor, options: dict, affine, generator: torch.Generator, extras) -> torch.Tensor:

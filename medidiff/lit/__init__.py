@@ -1,8 +1,13 @@
-"""Task LightningModules: one base class, one thin subclass per task."""
+"""Task LightningModules: one diffusion base class, one thin subclass per task, and the UNet baseline."""
 
 from medidiff.lit.base import DiffusionModule
+from medidiff.lit.baseline import UNetSegmenter
+from medidiff.lit.image import RestorationDiffusion, SuperResDiffusion
 from medidiff.lit.segmentation import SegmentationDiffusion
 
-TASKS: dict[str, type[DiffusionModule]] = {"segmentation": SegmentationDiffusion}
+# The modules a checkpoint may name: loading never imports a class from a name stored in a file.
+MODULES = {cls.__name__: cls for cls in (SegmentationDiffusion, UNetSegmenter, RestorationDiffusion,
+                                         SuperResDiffusion)}
 
-__all__ = ["TASKS", "DiffusionModule", "SegmentationDiffusion"]
+__all__ = ["MODULES", "DiffusionModule", "RestorationDiffusion", "SegmentationDiffusion", "SuperResDiffusion",
+           "UNetSegmenter"]

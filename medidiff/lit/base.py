@@ -72,6 +72,7 @@ class DiffusionModule(L.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         self.hparams["net_config"] = net_config(net)
         self.hparams["task"] = self.task
+        self.hparams["module"] = type(self).__name__
         get_sampler(sampler)  # fail at construction on a misspelled sampler, not after training
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         betas = beta_schedule(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
@@ -151,14 +152,18 @@ class DiffusionModule(L.LightningModule):
 
     def predict(self, batch: dict[str, Any], **overrides: Any) -> Tensor:
         """Decoded samples ``(N, B, C, *spatial)`` for a batch; ``overrides`` replace sampling defaults."""
-        cond = self.condition(batch)
-        return self.decode(self.sample(cond, hook=self.measurement_hook(batch), **overrides))
+        return self.predict_probabilities(self.condition(batch), hook=self.measurement_hook(batch), **overrides)
+
+    def predict_probabilities(self, cond: Tensor, **sampling: Any) -> Tensor:
+        """Decoded samples ``(N, B, C, *spatial)`` for a condition; the interface file-level inference uses."""
+        return self.decode(self.sample(cond, **sampling))
 
     @torch.no_grad()
     def sample(
         self,
-        cond: Tensor,
+        cond: Tensor | None,
         *,
+        shape: tuple[int, ...] | None = None,
         channels: int | None = None,
         sampler: str | None = None,
         steps: int | None = None,
@@ -172,10 +177,13 @@ class DiffusionModule(L.LightningModule):
         """Draw ``ensemble`` samples per condition, all members in one batch, through the shared samplers.
 
         Args:
-            cond: ``(B, C_cond, *spatial)``; spatial sizes are padded to what the network can take and cropped
-                back, so whole images of any size can be sampled.
+            cond: ``(B, C_cond, *spatial)``, or None for an unconditional prior (then give ``shape``); spatial
+                sizes are padded to what the network can take and cropped back, so whole images of any size
+                can be sampled.
+            shape: ``(B, *spatial)`` when there is no condition.
             channels: channels of the sample (defaults to the network's ``in_channels``).
-            hook: per-step hook on the unpadded estimate ``(N*B, C, *spatial)`` (members are batch-major).
+            hook: per-step hook for one member ``(B, C, *spatial)``, on the unpadded region; it is applied to
+                each ensemble member in turn.
             denoiser: replaces the module's denoiser (e.g. a sliding-window wrapper for large volumes).
 
         Returns:
@@ -183,21 +191,24 @@ class DiffusionModule(L.LightningModule):
         """
         hp = self.hparams
         members = ensemble or hp.ensemble
-        generator = torch.Generator(cond.device).manual_seed(hp.seed if seed is None else seed)
+        batch, *spatial = shape if cond is None else (cond.shape[0], *cond.shape[2:])
         channels = channels or self.net.in_channels
-        spatial = tuple(cond.shape[2:])
-        cond_batch = cond.float().repeat(members, *([1] * (cond.ndim - 1)))
-        padded_cond, pad = pad_to_multiple(cond_batch, self.size_multiple)
+        generator = torch.Generator(self.device).manual_seed(hp.seed if seed is None else seed)
+        template = torch.zeros((batch * members, 1, *spatial), device=self.device)
+        padded_template, pad = pad_to_multiple(template, self.size_multiple)
         sigmas = self.denoiser.get_sigmas(steps or hp.steps, grid or hp.grid)
-        x = torch.randn((cond_batch.shape[0], channels, *padded_cond.shape[2:]), generator=generator,
-                        device=cond.device) * sigmas[0].to(cond.device)
+        x = torch.randn((batch * members, channels, *padded_template.shape[2:]), generator=generator,
+                        device=self.device) * sigmas[0].to(self.device)
         base = denoiser or self.denoiser
-        if hp.guidance_scale != 1:
-            base = ClassifierFreeGuidance(base, hp.guidance_scale)
-        bound = functools.partial(base, cond=padded_cond)
-        samples = get_sampler(sampler or hp.sampler)(bound, x, sigmas, generator=generator,
-                                                     hook=unpadded_hook(hook, pad), callback=callback)
-        return crop(samples, pad).reshape(members, cond.shape[0], channels, *spatial)
+        if cond is not None:
+            cond_batch = cond.float().repeat(members, *([1] * (cond.ndim - 1)))
+            if hp.guidance_scale != 1:
+                base = ClassifierFreeGuidance(base, hp.guidance_scale)
+            base = functools.partial(base, cond=pad_to_multiple(cond_batch, self.size_multiple)[0])
+        step_hook = unpadded_hook(per_member_hook(hook, members), pad)
+        samples = get_sampler(sampler or hp.sampler)(base, x, sigmas, generator=generator, hook=step_hook,
+                                                     callback=callback)
+        return crop(samples, pad).reshape(members, batch, channels, *spatial)
 
     @property
     def size_multiple(self) -> int:
@@ -246,6 +257,18 @@ def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, list[int]]:
 def crop(x: Tensor, pad: list[int]) -> Tensor:
     """Undo :func:`pad_to_multiple`."""
     return x[(slice(None), slice(None)) + _inner_slices(x, pad)] if any(pad) else x
+
+
+def per_member_hook(hook: Hook | None, members: int) -> Hook | None:
+    """Apply a hook built for one ensemble member ``(B, ...)`` to each member of ``(N*B, ...)`` in turn."""
+    if hook is None or members == 1:
+        return hook
+
+    def wrapped(x0_hat: Tensor, sigma: Tensor, x: Tensor) -> Tensor:
+        parts = zip(x0_hat.chunk(members), sigma.chunk(members), x.chunk(members))
+        return torch.cat([hook(*part) for part in parts])
+
+    return wrapped
 
 
 def unpadded_hook(hook: Hook | None, pad: list[int]) -> Hook | None:

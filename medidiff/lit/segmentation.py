@@ -18,7 +18,43 @@ from torch import Tensor
 from medidiff.lit.base import DiffusionModule
 
 
-class SegmentationDiffusion(DiffusionModule):
+class SegmentationOutputs:
+    """What every segmentation module shares: one-hot targets, label maps and the validation Dice.
+
+    Needs ``self.hparams.num_classes``, ``self.hparams.threshold`` and ``self.net.spatial_dims``.
+    """
+
+    @property
+    def mask_channels(self) -> int:
+        return 1 if self.hparams.num_classes == 2 else self.hparams.num_classes
+
+    def one_hot(self, label: Tensor) -> Tensor:
+        """``(B, 1, *spatial)`` class indices to ``(B, mask_channels, *spatial)`` in {0, 1}."""
+        label = label.long()
+        if self.hparams.num_classes == 2:
+            return (label > 0).float()
+        return F.one_hot(label[:, 0], self.hparams.num_classes).movedim(-1, 1).float()
+
+    def label_map(self, probability: Tensor) -> Tensor:
+        """Per-class probabilities ``(..., C, *spatial)`` to class indices ``(..., 1, *spatial)``."""
+        if self.hparams.num_classes == 2:
+            return (probability > self.hparams.threshold).long()
+        return probability.argmax(-(self.net.spatial_dims + 1), keepdim=True)
+
+    def sample_metrics(self, prediction: Tensor, batch: dict[str, Any]) -> dict[str, float]:
+        """Dice (mean over foreground classes, inside ``fov`` when the batch has one) of ``(N, B, C, *)``."""
+        labels = self.label_map(prediction.mean(0))
+        region = batch.get("fov")
+        pred, ref = self.one_hot(labels), self.one_hot(batch["label"])
+        if region is not None:
+            pred, ref = pred * (region > 0), ref * (region > 0)
+        if self.hparams.num_classes == 2:
+            pred, ref = torch.cat([1 - pred, pred], 1), torch.cat([1 - ref, ref], 1)
+        dice = compute_dice(pred, ref, include_background=False, ignore_empty=True)
+        return {"dice": float(dice.nanmean())}
+
+
+class SegmentationDiffusion(SegmentationOutputs, DiffusionModule):
     """Conditional DDPM for ``p(mask | image)``.
 
     Args:
@@ -41,17 +77,6 @@ class SegmentationDiffusion(DiffusionModule):
             raise ValueError(f"the network diffuses {self.net.in_channels} channels but {num_classes} classes need "
                              f"{expected}; set net.init_args.in_channels={expected}")
 
-    @property
-    def mask_channels(self) -> int:
-        return 1 if self.hparams.num_classes == 2 else self.hparams.num_classes
-
-    def one_hot(self, label: Tensor) -> Tensor:
-        """``(B, 1, *spatial)`` class indices to ``(B, mask_channels, *spatial)`` in {0, 1}."""
-        label = label.long()
-        if self.hparams.num_classes == 2:
-            return (label > 0).float()
-        return F.one_hot(label[:, 0], self.hparams.num_classes).movedim(-1, 1).float()
-
     def target_and_condition(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         return self.one_hot(batch["label"]) * 2 - 1, self.condition(batch)
 
@@ -72,19 +97,3 @@ class SegmentationDiffusion(DiffusionModule):
             return probability
         return probability / probability.sum(2, keepdim=True).clamp(min=1e-6)
 
-    def label_map(self, probability: Tensor) -> Tensor:
-        """Per-class probabilities ``(..., C, *spatial)`` to class indices ``(..., 1, *spatial)``."""
-        if self.hparams.num_classes == 2:
-            return (probability > self.hparams.threshold).long()
-        return probability.argmax(-(self.net.spatial_dims + 1), keepdim=True)
-
-    def sample_metrics(self, prediction: Tensor, batch: dict[str, Any]) -> dict[str, float]:
-        labels = self.label_map(prediction.mean(0))
-        region = batch.get("fov")
-        pred, ref = self.one_hot(labels), self.one_hot(batch["label"])
-        if region is not None:
-            pred, ref = pred * (region > 0), ref * (region > 0)
-        if self.hparams.num_classes == 2:
-            pred, ref = torch.cat([1 - pred, pred], 1), torch.cat([1 - ref, ref], 1)
-        dice = compute_dice(pred, ref, include_background=False, ignore_empty=True)
-        return {"dice": float(dice.nanmean())}

@@ -1,0 +1,79 @@
+"""Image-to-image tasks: restoration (denoising, artifact removal, undersampled MRI) and super-resolution.
+
+The clean / high-resolution image is diffused, the degraded image (interpolated onto the target grid) is the
+condition. Where the degradation is known, a data-consistency hook runs at every sampler step: a k-space
+projection for undersampled MRI, a low-frequency projection for super-resolution.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import Tensor
+
+from medidiff.core.guidance import DownsampleConsistency, Hook, KSpaceConsistency
+from medidiff.core.operators import to_kspace
+from medidiff.lit.base import DiffusionModule
+
+
+class ImageDiffusion(DiffusionModule):
+    """Shared by restoration and super-resolution: images in ``[0, 1]`` are diffused in ``[-1, 1]``.
+
+    Args:
+        consistency: apply the task's data-consistency hook when the batch carries the measurement.
+        consistency_weight: 1 for a hard projection, less for a soft one (noisy measurements).
+        **kwargs: see :class:`medidiff.lit.base.DiffusionModule`.
+    """
+
+    def __init__(self, consistency: bool = True, consistency_weight: float = 1.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.save_hyperparameters("consistency", "consistency_weight")
+
+    def target_and_condition(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        return batch["image"].float() * 2 - 1, self.condition(batch)
+
+    def condition(self, batch: dict[str, Any]) -> Tensor:
+        return batch["condition"].float() * 2 - 1
+
+    def decode(self, samples: Tensor) -> Tensor:
+        return ((samples + 1) / 2).clamp(0, 1)
+
+    def sample_metrics(self, prediction: Tensor, batch: dict[str, Any]) -> dict[str, float]:
+        error = (prediction.mean(0) - batch["image"].float()).pow(2).flatten(1).mean(1)
+        return {"psnr": float((-10 * error.clamp(min=1e-10).log10()).mean())}
+
+
+class RestorationDiffusion(ImageDiffusion):
+    """Restoration; with a ``kspace_mask`` in the batch, every step is made consistent with the measured k-space."""
+
+    task = "restoration"
+
+    def measurement_hook(self, batch: dict[str, Any]) -> Hook | None:
+        mask = batch.get("kspace_mask")
+        if mask is None or not self.hparams.consistency:
+            return None
+        dims = mask.ndim - 2
+        # the zero-filled condition is the inverse FFT of the measurement, so its k-space *is* the measurement
+        measured = to_kspace(self.condition(batch), dims) * mask
+        return KSpaceConsistency(measured, mask, self.hparams.consistency_weight, dims)
+
+
+class SuperResDiffusion(ImageDiffusion):
+    """Super-resolution; with ``low_res`` in the batch, ``downsample(estimate)`` is held equal to it.
+
+    Args:
+        factors: integer down-sampling factor per spatial axis of the acquisition (e.g. ``[1, 1, 4]``).
+        **kwargs: see :class:`ImageDiffusion`.
+    """
+
+    task = "superres"
+
+    def __init__(self, factors: Sequence[int] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.save_hyperparameters("factors")
+
+    def measurement_hook(self, batch: dict[str, Any]) -> Hook | None:
+        lowres = batch.get("low_res")
+        if lowres is None or not self.hparams.consistency or not self.hparams.factors:
+            return None
+        return DownsampleConsistency(lowres.float() * 2 - 1, self.hparams.factors, self.hparams.consistency_weight)
