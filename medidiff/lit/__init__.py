@@ -2,12 +2,13 @@
 
 from medidiff.lit.base import DiffusionModule
 from medidiff.lit.baseline import UNetSegmenter
+from medidiff.lit.fusion import FusionDiffusion
 from medidiff.lit.image import RestorationDiffusion, SuperResDiffusion
 from medidiff.lit.segmentation import SegmentationDiffusion
 
 # The modules a checkpoint may name: loading never imports a class from a name stored in a file.
 MODULES = {cls.__name__: cls for cls in (SegmentationDiffusion, UNetSegmenter, RestorationDiffusion,
-                                         SuperResDiffusion)}
+                                         SuperResDiffusion, FusionDiffusion)}
 
-__all__ = ["MODULES", "DiffusionModule", "RestorationDiffusion", "SegmentationDiffusion", "SuperResDiffusion",
-           "UNetSegmenter"]
+__all__ = ["MODULES", "DiffusionModule", "FusionDiffusion", "RestorationDiffusion", "SegmentationDiffusion",
+           "SuperResDiffusion", "UNetSegmenter"]

@@ -185,7 +185,7 @@ class FusionDiffusion(DiffusionModule):
         intensity_weight, gradient_weight, prior_weight, intensity_target, gradient_target, em_iterations,
             cg_iterations: the likelihood, see :class:`FusionLikelihood`.
         **kwargs: see :class:`medidiff.lit.base.DiffusionModule`; the network must be unconditional
-            (``cond_channels: 0``). Validation draws no samples by default (val batches hold no pairs).
+            (``cond_channels: 0``).
     """
 
     task = "fusion"
@@ -193,7 +193,6 @@ class FusionDiffusion(DiffusionModule):
     def __init__(self, intensity_weight: float = 1.0, gradient_weight: float = 1.0, prior_weight: float = 1.0,
                  intensity_target: IntensityTarget = "both", gradient_target: GradientTarget = "max",
                  em_iterations: int = 1, cg_iterations: int = 10, **kwargs: Any):
-        kwargs.setdefault("val_sampling_batches", 0)
         super().__init__(**kwargs)
         self.save_hyperparameters("intensity_weight", "gradient_weight", "prior_weight", "intensity_target",
                                   "gradient_target", "em_iterations", "cg_iterations")
@@ -209,6 +208,18 @@ class FusionDiffusion(DiffusionModule):
 
     def decode(self, samples: Tensor) -> Tensor:
         return ((samples + 1) / 2).clamp(0, 1)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "source_a" in batch:
+            return super().validation_step(batch, batch_idx)
+        # val batches of the data module are single images (no pairs, nothing to fuse): the loss only
+        generator = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)
+        self._loss(batch, "val", generator=generator)
+
+    def sample_metrics(self, prediction: Tensor, batch: dict[str, Any]) -> dict[str, float]:
+        """The fusion loss of the ensemble-mean fused image (lower keeps more of both sources)."""
+        hook = self.likelihood(batch["source_a"], batch["source_b"])
+        return {"fusion_loss": float(hook.loss(prediction.mean(0) * 2 - 1).mean())}
 
     def likelihood(self, source_a: Tensor, source_b: Tensor) -> FusionLikelihood:
         """The hook for sources ``(B, 1, *spatial)`` in ``[0, 1]``."""
