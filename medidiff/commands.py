@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--task", choices=TASK_NAMES, required=True)
     infer.add_argument("--ckpt", type=Path, required=True, help="checkpoint from `medidiff fit` or `export`")
     infer.add_argument("--input", required=True, help="a scan, a DICOM series folder, or a folder of scans")
+    infer.add_argument("--input-b", help="fusion: the second source (a file, or a folder paired by file name)")
     infer.add_argument("--output", type=Path, required=True, help="folder for the results")
     infer.add_argument("--sampler", default=None, help="sampler name (default: the checkpoint's)")
     infer.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
@@ -59,6 +60,10 @@ def _infer(args: argparse.Namespace) -> None:
     from medidiff.checkpoint import load_module
     from medidiff.inference import SamplingOptions, infer
 
+    if args.task == "fusion":
+        from medidiff.fusion_infer import infer_command
+
+        return infer_command(args)
     if args.task != "segmentation":
         raise MedidiffError(f"`medidiff infer --task {args.task}` is not implemented yet; segmentation is")
     module, data_hparams = load_module(args.ckpt, task=args.task)
