@@ -201,7 +201,11 @@ class MedicalDataModule(LightningDataModule):
 
     def _dataset_of(self, data: list[dict], transform: Compose) -> torch.utils.data.Dataset:
         if self.hparams.cache:
-            return _CacheDataset(data, transform, cache_rate=self.hparams.cache_rate, progress=False)
+            # copy_cache=False: the random transforms after the cache (crops, flips, degradations) build new
+            # tensors and dicts and never write into the cached ones; deep-copying whole cached scans per
+            # patch cost more than the network step on DRIVE
+            return _CacheDataset(data, transform, cache_rate=self.hparams.cache_rate, progress=False,
+                                 copy_cache=False)
         return _Dataset(data, transform)
 
     def _keys(self, cases: list[dict]) -> list[str]:

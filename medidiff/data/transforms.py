@@ -19,7 +19,9 @@ from monai.transforms import (
     AsDiscreted,
     CenterSpatialCropd,
     Compose,
+    DeleteItemsd,
     EnsureTyped,
+    FgBgToIndicesd,
     Invertd,
     MapTransform,
     Orientationd,
@@ -126,10 +128,16 @@ def train_sampling(
     axis is squeezed, so a 3D volume yields a 2D patch ``(C, *patch_size)``.
     """
     size = _crop_size(patch_size, card, spatial_dims)
-    t: list[MapTransform] = [SpatialPadd(keys, spatial_size=size)]
+    # Training patches need no metadata: plain tensors make every random transform several times cheaper.
+    t: list[MapTransform] = [EnsureTyped(list(keys), track_meta=False), SpatialPadd(keys, spatial_size=size)]
     if label_key:
+        # Foreground/background voxel indices are computed once, in the cached deterministic part of the
+        # pipeline; without them every crop re-scans the whole label map (0.5 s per DRIVE batch).
+        t.append(FgBgToIndicesd(label_key, fg_postfix="_fg", bg_postfix="_bg"))
         t.append(RandCropByPosNegLabeld(keys, label_key=label_key, spatial_size=size, pos=1, neg=1,
-                                        num_samples=num_samples))
+                                        num_samples=num_samples, fg_indices_key=f"{label_key}_fg",
+                                        bg_indices_key=f"{label_key}_bg"))
+        t.append(DeleteItemsd([f"{label_key}_fg", f"{label_key}_bg"]))
     else:
         t.append(RandSpatialCropSamplesd(keys, roi_size=size, num_samples=num_samples, random_size=False))
     if spatial_dims < card.spatial_dims:
