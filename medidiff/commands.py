@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="how ensemble members become one label map")
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    infer.add_argument("--mask", type=Path, default=None,
+                       help="restoration: k-space sampling mask (NIfTI/PNG, 0/1 over the last two axes) of the input")
 
     evaluate = sub.add_parser("evaluate", help="score predictions against references, file to file")
     evaluate.add_argument("--task", choices=TASK_NAMES, required=True)
@@ -64,13 +66,17 @@ def _infer(args: argparse.Namespace) -> None:
         from medidiff.fusion_infer import infer_command
 
         return infer_command(args)
-    if args.task != "segmentation":
-        raise MedidiffError(f"`medidiff infer --task {args.task}` is not implemented yet; segmentation is")
     module, data_hparams = load_module(args.ckpt, task=args.task)
     module.to(torch.device(args.device))
     hp = module.hparams
     options = SamplingOptions(sampler=args.sampler or hp.sampler, steps=args.steps or hp.steps,
                               grid=args.grid or hp.grid, ensemble=args.ensemble, seed=args.seed, fusion=args.fusion)
+    if args.task in ("restoration", "superres"):
+        from medidiff.inference_image import infer_image
+
+        written = infer_image(module, data_hparams, args.input, args.output, options, args.ckpt, mask_path=args.mask)
+        print(f"wrote {len(written)} files to {args.output}")
+        return
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn()) as bars:
         def progress_factory(case: str):
