@@ -10,15 +10,19 @@ model (Laplace residuals written as Gaussian scale mixtures) solved by one EM st
 
 - ``s_a, s_b``: the two sources (intensity fidelity); ``g_j``: target gradient fields, either the per-pixel
   stronger source gradient (``gradient_target="max"``, gradient-domain fusion) or both source gradients.
-- ``psi``: the Laplace negative log-likelihood ``|r|``, smoothed to ``r^2 / (2 eps) + eps / 2`` below ``eps``.
-  Written as a Gaussian scale mixture, the E-step gives the expected precisions ``w = 1 / max(|r|, eps)``
-  (the half-quadratic / IRLS weights), robustly down-weighting the source the estimate disagrees with.
+- ``psi``: the Laplace negative log-likelihood ``|r|``, smoothed as ``sqrt(r^2 + c^2)``. Written as a
+  Gaussian scale mixture, the E-step gives the expected precisions ``w = 1 / sqrt(r^2 + c^2)`` (the
+  half-quadratic / IRLS weights), robustly down-weighting the source the estimate disagrees with. The E-step
+  takes the expectation over the estimate's own uncertainty too, ``E[r^2] = r^2 + tau^2``, so
+  ``c^2 = eps^2 + tau^2(sigma)``: early (uncertain) steps weigh both sources almost equally, later ones
+  select. Without that term an early dark estimate locks out a bright structure of either source (tested).
 - The diffusion estimate enters as a Gaussian prior ``f ~ N(x0_hat, tau^2)`` with the posterior variance of
   x0 at noise ``sigma`` for data of std ``s``: ``tau^2 = s^2 sigma^2 / (s^2 + sigma^2)``, so the likelihood
   dominates early (high noise) and the learnt prior late.
 - M-step: the weighted quadratic is solved by a few conjugate-gradient iterations warm-started at the
-  current estimate. This is a majorise-minimise step, so ``J`` never increases and, started at ``x0_hat``,
-  the fusion loss ``J - prior term`` of the output is at most that of ``x0_hat`` (tested).
+  current estimate. This is a majorise-minimise step, so ``J`` (at that step's ``c``) never increases and,
+  started at ``x0_hat``, the fusion loss ``J - prior term`` of the output is at most that of ``x0_hat``
+  (tested).
 
 Colour PET/SPECT: the luma is fused and the chroma of the colour source restored (:func:`restore_colour`).
 """
@@ -57,13 +61,8 @@ def grad_adjoint(g: list[Tensor]) -> Tensor:
     return total
 
 
-def _norm(g: list[Tensor]) -> Tensor:
-    return torch.stack(g).pow(2).sum(0).sqrt()
-
-
-def _psi(r: Tensor, eps: float) -> Tensor:
-    """Smoothed Laplace penalty of non-negative ``r`` (Huber's function divided by ``eps``)."""
-    return torch.where(r >= eps, r, r.pow(2) / (2 * eps) + eps / 2)
+def _sq_norm(g: list[Tensor]) -> Tensor:
+    return torch.stack(g).pow(2).sum(0)
 
 
 class FusionLikelihood:
@@ -78,13 +77,13 @@ class FusionLikelihood:
             either modality, as choose-max fusion).
         gradient_target: the per-pixel stronger source gradient (``max``) or ``both`` source gradients.
         data_std: ``s``, the std of the data in ``[-1, 1]`` space, for ``tau``.
-        eps: residual below which the Laplace penalty is quadratic; bounds the E-step weights by ``1 / eps``.
+        eps: smoothing of the Laplace penalty at zero noise; bounds the E-step weights by ``1 / eps``.
         em_iterations: EM iterations per sampler step (DDFM uses one).
         cg_iterations: conjugate-gradient iterations of each M-step.
     """
 
-    def __init__(self, source_a: Tensor, source_b: Tensor, *, intensity_weight: float = 1.0,
-                 gradient_weight: float = 1.0, prior_weight: float = 1.0, intensity_target: IntensityTarget = "both",
+    def __init__(self, source_a: Tensor, source_b: Tensor, *, intensity_weight: float = 10.0,
+                 gradient_weight: float = 10.0, prior_weight: float = 1.0, intensity_target: IntensityTarget = "max",
                  gradient_target: GradientTarget = "max", data_std: float = 0.5, eps: float = 0.02,
                  em_iterations: int = 1, cg_iterations: int = 10):
         if source_a.shape != source_b.shape:
@@ -95,37 +94,51 @@ class FusionLikelihood:
         if gradient_target == "both":
             self.gradients = [ga, gb]
         else:
-            stronger = _norm(gb) > _norm(ga)
+            stronger = _sq_norm(gb) > _sq_norm(ga)
             self.gradients = [[torch.where(stronger, y, x) for x, y in zip(ga, gb)]]
         self.lam, self.mu, self.prior_weight = intensity_weight, gradient_weight, prior_weight
         self.data_std, self.eps = data_std, eps
         self.em_iterations, self.cg_iterations = em_iterations, cg_iterations
 
-    def loss(self, f: Tensor) -> Tensor:
-        """The fusion loss (``J`` without its prior term) per sample, ``(B,)``, mean over pixels."""
-        terms = [self.lam * _psi((f - s).abs(), self.eps) for s in self.intensity]
-        terms += [self.mu * _psi(_norm([d - t for d, t in zip(grad(f), g)]), self.eps) for g in self.gradients]
-        return torch.stack(terms).sum(0).flatten(1).mean(1)
+    def tau2(self, sigma: Tensor) -> Tensor:
+        """Posterior variance of x0 at noise ``sigma`` for data of std ``data_std``, ``(B,)``."""
+        s2, sigma2 = self.data_std**2, sigma.float() ** 2
+        return s2 * sigma2 / (s2 + sigma2)
 
     def rho(self, sigma: Tensor) -> Tensor:
         """Prior precision ``prior_weight / tau^2`` per sample, ``(B,)``."""
-        s2 = self.data_std**2
-        tau2 = s2 * sigma.float() ** 2 / (s2 + sigma.float() ** 2)
-        return self.prior_weight / tau2.clamp(min=1e-12)
+        return self.prior_weight / self.tau2(sigma).clamp(min=1e-12)
+
+    def loss(self, f: Tensor, sigma: Tensor | None = None) -> Tensor:
+        """The fusion loss (``J`` without its prior term) per sample, ``(B,)``, mean over pixels.
+
+        Args:
+            f: ``(B, 1, *spatial)`` in ``[-1, 1]``.
+            sigma: ``(B,)`` noise level whose smoothing ``c`` to use; None for ``c = eps``.
+        """
+        c2 = self._c2(sigma, f)
+        terms = [self.lam * ((f - s).pow(2) + c2).sqrt() for s in self.intensity]
+        grad_f = grad(f)
+        terms += [self.mu * (_sq_norm([d - t for d, t in zip(grad_f, g)]) + c2).sqrt() for g in self.gradients]
+        return torch.stack(terms).sum(0).flatten(1).mean(1)
 
     def __call__(self, x0_hat: Tensor, sigma: Tensor, x: Tensor) -> Tensor:
         prior = x0_hat.float()
-        rho = append_dims(self.rho(sigma), prior.ndim)
+        rho, c2 = append_dims(self.rho(sigma), prior.ndim), self._c2(sigma, prior)
         f = prior
         for _ in range(self.em_iterations):
-            f = self._m_step(prior, rho, *self._e_step(f), start=f)
+            f = self._m_step(prior, rho, *self._e_step(f, c2), start=f)
         return f.to(x0_hat.dtype)
 
-    def _e_step(self, f: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Expected precisions of the scale mixtures: ``1 / max(|residual|, eps)`` per pixel."""
-        w = [self.lam / (f - s).abs().clamp(min=self.eps) for s in self.intensity]
+    def _c2(self, sigma: Tensor | None, like: Tensor) -> Tensor:
+        tau2 = torch.zeros(like.shape[0], device=like.device) if sigma is None else self.tau2(sigma)
+        return append_dims(tau2 + self.eps**2, like.ndim)
+
+    def _e_step(self, f: Tensor, c2: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Expected precisions of the scale mixtures: ``1 / sqrt(residual^2 + c^2)`` per pixel."""
+        w = [self.lam * ((f - s).pow(2) + c2).rsqrt() for s in self.intensity]
         grad_f = grad(f)
-        v = [self.mu / _norm([d - t for d, t in zip(grad_f, g)]).clamp(min=self.eps) for g in self.gradients]
+        v = [self.mu * (_sq_norm([d - t for d, t in zip(grad_f, g)]) + c2).rsqrt() for g in self.gradients]
         return w, v
 
     def _m_step(self, prior: Tensor, rho: Tensor, w: list[Tensor], v: list[Tensor], start: Tensor) -> Tensor:
@@ -190,8 +203,8 @@ class FusionDiffusion(DiffusionModule):
 
     task = "fusion"
 
-    def __init__(self, intensity_weight: float = 1.0, gradient_weight: float = 1.0, prior_weight: float = 1.0,
-                 intensity_target: IntensityTarget = "both", gradient_target: GradientTarget = "max",
+    def __init__(self, intensity_weight: float = 10.0, gradient_weight: float = 10.0, prior_weight: float = 1.0,
+                 intensity_target: IntensityTarget = "max", gradient_target: GradientTarget = "max",
                  em_iterations: int = 1, cg_iterations: int = 10, **kwargs: Any):
         super().__init__(**kwargs)
         self.save_hyperparameters("intensity_weight", "gradient_weight", "prior_weight", "intensity_target",
@@ -219,7 +232,7 @@ class FusionDiffusion(DiffusionModule):
     def sample_metrics(self, prediction: Tensor, batch: dict[str, Any]) -> dict[str, float]:
         """The fusion loss of the ensemble-mean fused image (lower keeps more of both sources)."""
         hook = self.likelihood(batch["source_a"], batch["source_b"])
-        return {"fusion_loss": float(hook.loss(prediction.mean(0) * 2 - 1).mean())}
+        return {"fusion_loss": float(hook.loss(prediction.mean(0).to(self.device) * 2 - 1).mean())}
 
     def likelihood(self, source_a: Tensor, source_b: Tensor) -> FusionLikelihood:
         """The hook for sources ``(B, 1, *spatial)`` in ``[0, 1]``."""
