@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data-range", type=float, default=None, help="image tasks: intensity range")
     evaluate.add_argument("--out", type=Path, required=True, help="JSON file with per-case rows and a summary")
 
+    demo = sub.add_parser("demo", help="run every task's shipped model on the shipped sample scans")
+    demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for outputs and report.md")
+    demo.add_argument("--steps", type=int, default=10, help="sampler steps (NFE) for every task")
+    demo.add_argument("--ensemble", type=int, default=3, help="ensemble size for segmentation")
+    demo.add_argument("--only", nargs="*", default=None, help="run only these tasks")
+
     export = sub.add_parser("export", help="shrink a training checkpoint to weights and settings")
     export.add_argument("--ckpt", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True)
@@ -52,7 +58,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_command(argv: Sequence[str]) -> None:
     args = _parser().parse_args(list(argv))
-    {"infer": _infer, "evaluate": _evaluate, "export": _export}[args.command](args)
+    {"infer": _infer, "evaluate": _evaluate, "export": _export, "demo": _demo}[args.command](args)
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from medidiff.demo import run_demo
+
+    run_demo(args.out, steps=args.steps, ensemble=args.ensemble, only=args.only)
 
 
 def _infer(args: argparse.Namespace) -> None:
