@@ -1,0 +1,148 @@
+"""Fusion benchmark on the Harvard test pairs: classical baselines and diffusion fusion at a few NFE.
+
+    .venv/bin/python benchmarks/bench_fusion.py --dataset ct_mri            # trains the prior (~5 min CPU)
+    .venv/bin/python benchmarks/bench_fusion.py --dataset pet_mri --nfe 5 10 20
+    .venv/bin/python benchmarks/bench_fusion.py --dataset ct_mri --ckpt runs/bench_fusion/ct_mri/.../last.ckpt
+
+1. trains the unconditional prior with ``medidiff fit --config configs/fusion/harvard_<dataset>_2d.yaml``
+   under a wall-clock budget (skipped with ``--ckpt``);
+2. fuses every test pair of the card, file to file, with :func:`medidiff.fusion_infer.fusion_infer`
+   (the code behind ``medidiff infer --task fusion``): average, max-abs, Laplacian pyramid, then diffusion
+   fusion (dpmpp_2m, one network call per step) at each NFE;
+3. scores each output folder with :func:`medidiff.metrics.evaluate.evaluate_fusion` (``medidiff evaluate``)
+   and prints a markdown table (also written to ``benchmarks/results/fusion_<dataset>.{json,md}``), plus
+   PNG panels (source A | source B | fused) of two test cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from medidiff import io  # noqa: E402
+from medidiff.checkpoint import load_module  # noqa: E402
+from medidiff.cli import main as medidiff_main  # noqa: E402
+from medidiff.data.cards import load_card  # noqa: E402
+from medidiff.fusion_infer import fusion_infer  # noqa: E402
+from medidiff.inference import SamplingOptions  # noqa: E402
+from medidiff.metrics.evaluate import evaluate_fusion  # noqa: E402
+
+METRICS = ("en", "sd", "sf", "mi", "ssim", "qabf", "vif")
+DDFM = {"en": 4.64, "sd": 63.11, "mi": 1.99, "vif": 0.76, "qabf": 0.60}  # Zhao et al. ICCV 2023, Harvard
+
+
+def train_prior(dataset: str, minutes: float, root: Path) -> tuple[Path, float]:
+    """``medidiff fit`` under a wall-clock budget; returns the last checkpoint and the seconds it took."""
+    start = time.perf_counter()
+    code = medidiff_main(["fit", "--config", str(REPO / f"configs/fusion/harvard_{dataset}_2d.yaml"),
+                          "--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
+                          "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"])
+    if code != 0:
+        raise SystemExit(f"training failed with exit code {code}")
+    return sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)[-1], time.perf_counter() - start
+
+
+def test_folders(dataset: str, root: Path, limit: int | None) -> tuple[Path, Path]:
+    """Symlink the card's test pairs into ``root/source_{a,b}`` so folder-level tools see only them."""
+    cases = load_card(f"harvard_{dataset}").splits["test"].cases[:limit]
+    for role in ("source_a", "source_b"):
+        folder = root / role
+        folder.mkdir(parents=True, exist_ok=True)
+        for case in cases:
+            link = folder / Path(case[role]).name
+            if not link.exists():
+                link.symlink_to(case[role])
+    return root / "source_a", root / "source_b"
+
+
+def run_method(name: str, dirs: tuple[Path, Path], out: Path, **kwargs) -> dict:
+    """Fuse all pairs with one method, evaluate, and return a table row."""
+    start = time.perf_counter()
+    fusion_infer(dirs[0], dirs[1], out / name, report=lambda message: None, **kwargs)
+    seconds = time.perf_counter() - start
+    result = evaluate_fusion(out / name, dirs[0], dirs[1], out_json=out / f"{name}.json")
+    pairs = len(result["cases"])
+    row = {metric: result["summary"][metric]["mean"] for metric in METRICS}
+    return {"method": name, **row, "pairs": pairs, "seconds_per_pair": seconds / pairs}
+
+
+def panels(dirs: tuple[Path, Path], fused: Path, names: list[str], target: Path, prefix: str) -> list[Path]:
+    """Side-by-side PNGs ``source A | source B | fused`` (colour kept), 8-bit."""
+    written = []
+    for name in names:
+        images = []
+        for path in (dirs[0] / name, dirs[1] / name, fused / name):
+            data = np.asarray(io.read(path), dtype=np.float32)
+            images.append(np.repeat(data, 3, axis=0) if data.shape[0] == 1 else data)
+        row = np.concatenate(images, axis=2).astype(np.uint8)
+        written.append(io.write_png(row, target / f"{prefix}_{Path(name).stem}.png"))
+    return written
+
+
+def markdown(rows: list[dict], dataset: str, command: str, seed: int) -> str:
+    head = "| method | NFE | " + " | ".join(m.upper() if m != "ssim" else "SSIM" for m in METRICS) + \
+        " | s / pair | seed | command |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 5)]
+    for r in rows:
+        values = " | ".join("—" if r.get(m) is None else f"{r[m]:.3f}" for m in METRICS)
+        lines.append(f"| {r['method']} | {r.get('nfe', '—')} | {values} | {r.get('seconds_per_pair', 0):.2f} | "
+                     f"{r.get('seed', '—')} | `{r.get('command', command)}` |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", choices=("ct_mri", "pet_mri"), required=True)
+    parser.add_argument("--ckpt", type=Path, help="a trained fusion prior (skips training)")
+    parser.add_argument("--train-minutes", type=float, default=5.0)
+    parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="at most this many test pairs")
+    parser.add_argument("--out", type=Path, default=REPO / "runs/bench_fusion")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(2)
+    root = args.out / args.dataset
+    command = "python benchmarks/bench_fusion.py " + " ".join(sys.argv[1:])
+    checkpoint, train_seconds = (args.ckpt, 0.0) if args.ckpt else train_prior(args.dataset, args.train_minutes,
+                                                                               root / "train")
+    module, _ = load_module(checkpoint, task="fusion")
+    dirs = test_folders(args.dataset, root, args.limit)
+    results = root / "results"
+    rows = [run_method(name, dirs, results, method=name) for name in ("average", "max_abs", "laplacian")]
+    for nfe in args.nfe:
+        options = SamplingOptions(sampler="dpmpp_2m", steps=nfe, grid="exponential", seed=args.seed)
+        row = run_method(f"diffusion_nfe{nfe}", dirs, results, module=module, options=options,
+                         checkpoint=str(checkpoint))
+        rows.append({**row, "nfe": nfe, "seed": args.seed})
+    rows.append({"method": "DDFM (published, Harvard)", **{m: DDFM.get(m) for m in METRICS}, "command": "—"})
+    table = markdown(rows, args.dataset, command, args.seed)
+    machine = f"{torch.get_num_threads()}-thread {platform.machine()} CPU, torch {torch.__version__}"
+    footer = (f"\n\n{len(list(dirs[0].iterdir()))} test pairs of harvard_{args.dataset}; prior trained "
+              f"{train_seconds / 60:.1f} min ({checkpoint}); machine: {machine}")
+    print(table + footer)
+    out = REPO / "benchmarks/results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"fusion_{args.dataset}.md").write_text(table + footer + "\n")
+    (out / f"fusion_{args.dataset}.json").write_text(json.dumps(
+        {"rows": rows, "train_seconds": train_seconds, "checkpoint": str(checkpoint), "command": command,
+         "machine": machine}, indent=1))
+    best = max(args.nfe) if 10 not in args.nfe else 10
+    names = sorted(p.name for p in dirs[0].iterdir())
+    picks = [names[len(names) // 3], names[2 * len(names) // 3]]
+    for path in panels(dirs, results / f"diffusion_nfe{best}", picks, REPO / "tasks/fusion", args.dataset):
+        print(f"panel: {path.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main()
