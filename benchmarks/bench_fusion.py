@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -109,9 +110,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="at most this many test pairs")
     parser.add_argument("--out", type=Path, default=REPO / "runs/bench_fusion")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 avoids OpenMP oversubscription on a CPU shared with other jobs")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     root = args.out / args.dataset
     command = "python benchmarks/bench_fusion.py " + " ".join(sys.argv[1:])
     checkpoint, train_seconds = (args.ckpt, 0.0) if args.ckpt else train_prior(args.dataset, args.train_minutes,
@@ -127,7 +130,8 @@ def main() -> None:
         rows.append({**row, "nfe": nfe, "seed": args.seed})
     rows.append({"method": "DDFM (published, Harvard)", **{m: DDFM.get(m) for m in METRICS}, "command": "—"})
     table = markdown(rows, args.dataset, command, args.seed)
-    machine = f"{torch.get_num_threads()}-thread {platform.machine()} CPU, torch {torch.__version__}"
+    machine = (f"{os.cpu_count()}-core {platform.machine()} CPU ({args.threads} torch thread), "
+               f"torch {torch.__version__}")
     footer = (f"\n\n{len(list(dirs[0].iterdir()))} test pairs of harvard_{args.dataset}; prior trained "
               f"{train_seconds / 60:.1f} min ({checkpoint}); machine: {machine}")
     print(table + footer)
