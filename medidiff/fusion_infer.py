@@ -40,7 +40,7 @@ Fuser = Callable[[Tensor, Tensor], Tensor]  # (B, 1, *spatial) x 2 in [0, 1] -> 
 
 
 def load_source(path: Path) -> tuple[object, Tensor, Tensor | None, tuple[float, float]]:
-    """Read one source: ``(image, luma (1, *spatial) in [0, 1], chroma (2, *spatial) or None, (low, high))``."""
+    """Read one source: ``(image, luma (1, *spatial) in [0, 1], chroma (2, *spatial) | None, range)``."""
     image = io.read(path)
     data = image.as_tensor().float() if hasattr(image, "as_tensor") else torch.as_tensor(image).float()
     if data.shape[0] not in (1, 3):
@@ -61,8 +61,8 @@ def check_registered(a: object, b: object, path_a: Path, path_b: Path, atol: flo
     """Raise a :class:`MedidiffError` naming both files when their grids (spatial shape, affine) differ."""
     shape_a, shape_b = tuple(a.shape[1:]), tuple(b.shape[1:])
     if shape_a != shape_b:
-        raise MedidiffError(f"sources are not registered: {path_a} has spatial shape {shape_a} but {path_b} has "
-                            f"{shape_b}; resample one onto the other's grid first")
+        raise MedidiffError(f"sources are not registered: {path_a} has spatial shape {shape_a} but {path_b} "
+                            f"has {shape_b}; resample one onto the other's grid first")
     affine_a = np.asarray(getattr(a, "affine", np.eye(4)), dtype=np.float64)
     affine_b = np.asarray(getattr(b, "affine", np.eye(4)), dtype=np.float64)
     if not np.allclose(affine_a, affine_b, atol=atol):
@@ -79,7 +79,7 @@ def classical_fuser(method: str) -> Fuser:
 
 
 def diffusion_fuser(module, options: SamplingOptions, slice_batch: int = 8) -> Fuser:
-    """Fusion by a :class:`~medidiff.lit.fusion.FusionDiffusion` module, ensemble mean; 2D nets go slice-wise."""
+    """Fusion by a :class:`~medidiff.lit.fusion.FusionDiffusion`, ensemble mean; 2D nets go slice-wise."""
     kwargs = dict(sampler=options.sampler, steps=options.steps, grid=options.grid, ensemble=options.ensemble,
                   seed=options.seed)
 
@@ -188,7 +188,7 @@ def fusion_infer(input_a: str | os.PathLike, input_b: str | os.PathLike, output:
 
 
 def infer_command(args) -> None:
-    """``medidiff infer --task fusion --ckpt C --input A --input-b B --output O`` (see :mod:`medidiff.commands`)."""
+    """``medidiff infer --task fusion --ckpt C --input A --input-b B --output O``."""
     from medidiff.checkpoint import load_module
 
     if not args.input_b:

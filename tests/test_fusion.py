@@ -1,5 +1,6 @@
-"""Fusion: classical baselines on hand-built cases, the DDFM-style likelihood hook (exact adjoint, monotone
-loss, identity at low noise), the module, file-level fusion (registration errors, metadata, colour), configs."""
+"""Fusion: classical baselines on hand-built cases, the DDFM-style likelihood hook (exact adjoint,
+monotone loss, identity at low noise), the module, file-level fusion (registration errors, metadata,
+colour), configs and the command line."""
 
 from __future__ import annotations
 
@@ -184,19 +185,20 @@ def test_3d_fusion_writes_the_first_sources_oblique_geometry(tmp_path):
     assert out.shape == (16, 16, 6) and np.allclose(out.affine, affine, atol=1e-5)
     assert np.asarray(out.dataobj).max() > 100  # back on the first source's (CT) scale
     info = json.loads(written[1].read_text())
-    assert info["seed"] == 3 and info["steps"] == 2 and info["nfe"] == 2 and info["torch"] == torch.__version__
+    assert (info["seed"], info["steps"], info["nfe"]) == (3, 2, 2) and info["torch"] == torch.__version__
 
 
 def test_fusing_the_shipped_pair_keeps_size_colour_and_provenance(tmp_path):
-    written = fusion_infer(SAMPLE / "mri/124.png", SAMPLE / "pet/124.png", tmp_path / "out", module=_tiny_module(),
-                           options=SamplingOptions(steps=2, seed=5))
+    pair = (SAMPLE / "mri/124.png", SAMPLE / "pet/124.png")
+    options = SamplingOptions(steps=2, seed=5)
+    written = fusion_infer(*pair, tmp_path / "out", module=_tiny_module(), options=options)
     fused, source = io.read(written[0]), io.read(SAMPLE / "pet/124.png")
     assert written[0].name == "124.png" and fused.shape == source.shape == (3, 208, 176)
     assert np.allclose(np.asarray(fused.affine), np.asarray(io.read(SAMPLE / "mri/124.png").affine))
     info = json.loads(written[1].read_text())
     assert info["colour_from"] == "source_b" and info["seed"] == 5 and "monai" in info
     # a second run over the same output skips the finished case
-    assert fusion_infer(SAMPLE / "mri/124.png", SAMPLE / "pet/124.png", tmp_path / "out", method="average") == []
+    assert fusion_infer(*pair, tmp_path / "out", method="average") == []
 
 
 # ------------------------------------------------------------------------------------------- configs, CLI
@@ -213,9 +215,10 @@ def test_fusion_configs_run_a_fast_dev_run(config, tmp_path):
 
 
 def test_cli_trains_a_prior_and_fuses_the_sample_pair(tmp_path):
-    code = main(["fit", "--config", str(REPO / "configs/fusion/sample_fusion_2d.yaml"), "--trainer.max_steps", "2",
-                 "--trainer.limit_val_batches", "0", "--trainer.max_time", "null", "--trainer.default_root_dir",
-                 str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
+    code = main(["fit", "--config", str(REPO / "configs/fusion/sample_fusion_2d.yaml"),
+                 "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.max_time", "null",
+                 "--trainer.default_root_dir", str(tmp_path / "run"),
+                 "--trainer.enable_progress_bar", "false",
                  "--model.init_args.net.init_args.channels", "[8, 16]"])
     assert code == 0
     checkpoint = sorted((tmp_path / "run").rglob("*.ckpt"))[-1]

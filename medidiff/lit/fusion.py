@@ -29,7 +29,7 @@ Colour PET/SPECT: the luma is fused and the chroma of the colour source restored
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
@@ -40,6 +40,8 @@ from medidiff.lit.base import DiffusionModule
 
 IntensityTarget = Literal["both", "max"]
 GradientTarget = Literal["max", "both"]
+LIKELIHOOD_OPTIONS = ("intensity_weight", "gradient_weight", "prior_weight", "intensity_target",
+                      "gradient_target", "em_iterations", "cg_iterations")
 
 
 def grad(f: Tensor) -> list[Tensor]:
@@ -73,8 +75,8 @@ class FusionLikelihood:
         intensity_weight: ``lam``, weight of the intensity fidelity to each source.
         gradient_weight: ``mu``, weight of the gradient fidelity.
         prior_weight: scales ``rho = prior_weight / tau^2`` (larger trusts the diffusion prior more).
-        intensity_target: ``both`` sources (robust, symmetric) or their per-pixel ``max`` (bright structures of
-            either modality, as choose-max fusion).
+        intensity_target: ``both`` sources (robust, symmetric) or their per-pixel ``max`` (bright
+            structures of either modality, as choose-max fusion).
         gradient_target: the per-pixel stronger source gradient (``max``) or ``both`` source gradients.
         data_std: ``s``, the std of the data in ``[-1, 1]`` space, for ``tau``.
         eps: smoothing of the Laplace penalty at zero noise; bounds the E-step weights by ``1 / eps``.
@@ -83,8 +85,9 @@ class FusionLikelihood:
     """
 
     def __init__(self, source_a: Tensor, source_b: Tensor, *, intensity_weight: float = 10.0,
-                 gradient_weight: float = 10.0, prior_weight: float = 1.0, intensity_target: IntensityTarget = "max",
-                 gradient_target: GradientTarget = "max", data_std: float = 0.5, eps: float = 0.02,
+                 gradient_weight: float = 10.0, prior_weight: float = 1.0,
+                 intensity_target: IntensityTarget = "max", gradient_target: GradientTarget = "max",
+                 data_std: float = 0.5, eps: float = 0.02,
                  em_iterations: int = 1, cg_iterations: int = 10):
         if source_a.shape != source_b.shape:
             raise ValueError(f"sources differ in shape: {tuple(source_a.shape)} vs {tuple(source_b.shape)}")
@@ -119,7 +122,8 @@ class FusionLikelihood:
         c2 = self._c2(sigma, f)
         terms = [self.lam * ((f - s).pow(2) + c2).sqrt() for s in self.intensity]
         grad_f = grad(f)
-        terms += [self.mu * (_sq_norm([d - t for d, t in zip(grad_f, g)]) + c2).sqrt() for g in self.gradients]
+        terms += [self.mu * (_sq_norm([d - t for d, t in zip(grad_f, g)]) + c2).sqrt()
+                  for g in self.gradients]
         return torch.stack(terms).sum(0).flatten(1).mean(1)
 
     def __call__(self, x0_hat: Tensor, sigma: Tensor, x: Tensor) -> Tensor:
@@ -142,7 +146,7 @@ class FusionLikelihood:
         return w, v
 
     def _m_step(self, prior: Tensor, rho: Tensor, w: list[Tensor], v: list[Tensor], start: Tensor) -> Tensor:
-        """Minimise the weighted quadratic ``sum w (f - s)^2 / 2 + sum v |grad f - g|^2 / 2 + rho/2 |f - prior|^2``."""
+        """Minimise ``sum w (f - s)^2 / 2 + sum v |grad f - g|^2 / 2 + rho / 2 |f - prior|^2`` by CG."""
         diagonal = rho + sum(w)
         v_total = sum(v)
         target = [sum(vj * gj[axis] for vj, gj in zip(v, self.gradients)) for axis in range(prior.ndim - 2)]
@@ -154,11 +158,12 @@ class FusionLikelihood:
         return conjugate_gradient(operator, rhs, start, self.cg_iterations)
 
 
-def conjugate_gradient(operator, rhs: Tensor, start: Tensor, iterations: int) -> Tensor:
+def conjugate_gradient(operator: Callable[[Tensor], Tensor], rhs: Tensor, start: Tensor,
+                       iterations: int) -> Tensor:
     """Batched conjugate gradient for a symmetric positive-definite ``operator`` on ``(B, ...)`` tensors.
 
     Each sample is its own system (dot products reduce over all but the batch axis). CG never increases the
-    quadratic ``f A f / 2 - rhs f`` from ``start``, which is what makes the M-step monotone with few iterations.
+    quadratic ``f A f / 2 - rhs f`` from ``start``, which makes the M-step monotone with few iterations.
     """
     def dot(p: Tensor, q: Tensor) -> Tensor:
         return append_dims((p * q).flatten(1).sum(1), p.ndim)
@@ -203,12 +208,12 @@ class FusionDiffusion(DiffusionModule):
 
     task = "fusion"
 
-    def __init__(self, intensity_weight: float = 10.0, gradient_weight: float = 10.0, prior_weight: float = 1.0,
-                 intensity_target: IntensityTarget = "max", gradient_target: GradientTarget = "max",
-                 em_iterations: int = 1, cg_iterations: int = 10, **kwargs: Any):
+    def __init__(self, intensity_weight: float = 10.0, gradient_weight: float = 10.0,
+                 prior_weight: float = 1.0, intensity_target: IntensityTarget = "max",
+                 gradient_target: GradientTarget = "max", em_iterations: int = 1, cg_iterations: int = 10,
+                 **kwargs: Any):
         super().__init__(**kwargs)
-        self.save_hyperparameters("intensity_weight", "gradient_weight", "prior_weight", "intensity_target",
-                                  "gradient_target", "em_iterations", "cg_iterations")
+        self.save_hyperparameters(*LIKELIHOOD_OPTIONS)
         if getattr(self.net, "cond_channels", 0):
             raise ValueError("fusion trains an unconditional prior; set net.init_args.cond_channels=0 "
                              f"(got {self.net.cond_channels})")
@@ -236,12 +241,8 @@ class FusionDiffusion(DiffusionModule):
 
     def likelihood(self, source_a: Tensor, source_b: Tensor) -> FusionLikelihood:
         """The hook for sources ``(B, 1, *spatial)`` in ``[0, 1]``."""
-        hp = self.hparams
-        return FusionLikelihood(source_a.float().to(self.device) * 2 - 1, source_b.float().to(self.device) * 2 - 1,
-                                intensity_weight=hp.intensity_weight, gradient_weight=hp.gradient_weight,
-                                prior_weight=hp.prior_weight, intensity_target=hp.intensity_target,
-                                gradient_target=hp.gradient_target, em_iterations=hp.em_iterations,
-                                cg_iterations=hp.cg_iterations)
+        a, b = (s.float().to(self.device) * 2 - 1 for s in (source_a, source_b))
+        return FusionLikelihood(a, b, **{name: self.hparams[name] for name in LIKELIHOOD_OPTIONS})
 
     def measurement_hook(self, batch: dict[str, Any]) -> FusionLikelihood | None:
         if "source_a" not in batch or "source_b" not in batch:
