@@ -96,13 +96,16 @@ def markdown(rows: list[dict], dataset: str, command: str, seed: int) -> str:
     lines = [head, "|" + "---|" * (len(METRICS) + 5)]
     for r in rows:
         values = " | ".join("—" if r.get(m) is None else f"{r[m]:.3f}" for m in METRICS)
-        lines.append(f"| {r['method']} | {r.get('nfe', '—')} | {values} | {r.get('seconds_per_pair', 0):.2f} | "
-                     f"{r.get('seed', '—')} | `{r.get('command', command)}` |")
+        seconds = r.get("seconds_per_pair")
+        lines.append(f"| {r['method']} | {r.get('nfe', '—')} | {values} | "
+                     f"{'—' if seconds is None else f'{seconds:.2f}'} | {r.get('seed', '—')} | "
+                     f"`{r.get('command', command)}` |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", choices=("ct_mri", "pet_mri"), required=True)
     parser.add_argument("--ckpt", type=Path, help="a trained fusion prior (skips training)")
     parser.add_argument("--train-minutes", type=float, default=5.0)
@@ -111,14 +114,16 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many test pairs")
     parser.add_argument("--out", type=Path, default=REPO / "runs/bench_fusion")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads; 1 avoids OpenMP oversubscription on a CPU shared with other jobs")
+                        help="torch threads; 1 avoids OpenMP oversubscription on a shared CPU")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     root = args.out / args.dataset
     command = "python benchmarks/bench_fusion.py " + " ".join(sys.argv[1:])
-    checkpoint, train_seconds = (args.ckpt, 0.0) if args.ckpt else train_prior(args.dataset, args.train_minutes,
-                                                                               root / "train")
+    if args.ckpt:
+        checkpoint, train_seconds = args.ckpt, 0.0
+    else:
+        checkpoint, train_seconds = train_prior(args.dataset, args.train_minutes, root / "train")
     module, _ = load_module(checkpoint, task="fusion")
     dirs = test_folders(args.dataset, root, args.limit)
     results = root / "results"
@@ -128,7 +133,8 @@ def main() -> None:
         row = run_method(f"diffusion_nfe{nfe}", dirs, results, module=module, options=options,
                          checkpoint=str(checkpoint))
         rows.append({**row, "nfe": nfe, "seed": args.seed})
-    rows.append({"method": "DDFM (published, Harvard)", **{m: DDFM.get(m) for m in METRICS}, "command": "—"})
+    rows.append({"method": "DDFM (published, Harvard)", **{m: DDFM.get(m) for m in METRICS},
+                 "command": "published by Zhao et al., ICCV 2023"})
     table = markdown(rows, args.dataset, command, args.seed)
     machine = (f"{os.cpu_count()}-core {platform.machine()} CPU ({args.threads} torch thread), "
                f"torch {torch.__version__}")

@@ -109,6 +109,15 @@ def test_likelihood_pulls_toward_both_sources_and_leaves_low_noise_estimates_alo
     assert (tiny - start).abs().max() < 1e-2  # rho ~ 1/sigma^2: the prior wins at the end of sampling
 
 
+def test_prior_error_bounds_the_trust_in_the_network():
+    a, b = (s * 2 - 1 for s in _two_squares(SHAPES["2d"]))
+    hook = FusionLikelihood(a, b, prior_error=0.1)
+    assert float(hook.rho(torch.tensor([1e-6]))) == pytest.approx(100.0, rel=1e-3)
+    start = -torch.ones_like(a)
+    late = hook(start, torch.full((2,), 1e-3), start)
+    assert late[a > 0].mean() > start[a > 0].mean() + 0.5  # a missing structure is still pulled in at the end
+
+
 def test_restore_colour_round_trips_a_colour_image():
     rgb = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     ycbcr = rgb_to_ycbcr(rgb, channel_dim=1)

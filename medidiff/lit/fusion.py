@@ -17,8 +17,10 @@ model (Laplace residuals written as Gaussian scale mixtures) solved by one EM st
   ``c^2 = eps^2 + tau^2(sigma)``: early (uncertain) steps weigh both sources almost equally, later ones
   select. Without that term an early dark estimate locks out a bright structure of either source (tested).
 - The diffusion estimate enters as a Gaussian prior ``f ~ N(x0_hat, tau^2)`` with the posterior variance of
-  x0 at noise ``sigma`` for data of std ``s``: ``tau^2 = s^2 sigma^2 / (s^2 + sigma^2)``, so the likelihood
-  dominates early (high noise) and the learnt prior late.
+  x0 at noise ``sigma`` for data of std ``s``, ``s^2 sigma^2 / (s^2 + sigma^2)``, plus the network's own error
+  ``delta^2`` (``prior_error``): the likelihood dominates early (high noise), the learnt prior late, but never
+  beyond ``1 / delta^2`` — a small prior trained for minutes on a CPU leaves noise that an exact denoiser
+  would not, and without the floor the last steps pass it through (seen on the Harvard validation pairs).
 - M-step: the weighted quadratic is solved by a few conjugate-gradient iterations warm-started at the
   current estimate. This is a majorise-minimise step, so ``J`` (at that step's ``c``) never increases and,
   started at ``x0_hat``, the fusion loss ``J - prior term`` of the output is at most that of ``x0_hat``
@@ -40,8 +42,8 @@ from medidiff.lit.base import DiffusionModule
 
 IntensityTarget = Literal["both", "max"]
 GradientTarget = Literal["max", "both"]
-LIKELIHOOD_OPTIONS = ("intensity_weight", "gradient_weight", "prior_weight", "intensity_target",
-                      "gradient_target", "em_iterations", "cg_iterations")
+LIKELIHOOD_OPTIONS = ("intensity_weight", "gradient_weight", "prior_weight", "prior_error",
+                      "intensity_target", "gradient_target", "em_iterations", "cg_iterations")
 
 
 def grad(f: Tensor) -> list[Tensor]:
@@ -79,6 +81,7 @@ class FusionLikelihood:
             structures of either modality, as choose-max fusion).
         gradient_target: the per-pixel stronger source gradient (``max``) or ``both`` source gradients.
         data_std: ``s``, the std of the data in ``[-1, 1]`` space, for ``tau``.
+        prior_error: ``delta``, std of the network's x0 error at zero noise (``[-1, 1]`` space).
         eps: smoothing of the Laplace penalty at zero noise; bounds the E-step weights by ``1 / eps``.
         em_iterations: EM iterations per sampler step (DDFM uses one).
         cg_iterations: conjugate-gradient iterations of each M-step.
@@ -87,7 +90,7 @@ class FusionLikelihood:
     def __init__(self, source_a: Tensor, source_b: Tensor, *, intensity_weight: float = 10.0,
                  gradient_weight: float = 10.0, prior_weight: float = 1.0,
                  intensity_target: IntensityTarget = "max", gradient_target: GradientTarget = "max",
-                 data_std: float = 0.5, eps: float = 0.02,
+                 data_std: float = 0.5, prior_error: float = 0.0, eps: float = 0.02,
                  em_iterations: int = 1, cg_iterations: int = 10):
         if source_a.shape != source_b.shape:
             raise ValueError(f"sources differ in shape: {tuple(source_a.shape)} vs {tuple(source_b.shape)}")
@@ -100,13 +103,14 @@ class FusionLikelihood:
             stronger = _sq_norm(gb) > _sq_norm(ga)
             self.gradients = [[torch.where(stronger, y, x) for x, y in zip(ga, gb)]]
         self.lam, self.mu, self.prior_weight = intensity_weight, gradient_weight, prior_weight
-        self.data_std, self.eps = data_std, eps
+        self.data_std, self.prior_error, self.eps = data_std, prior_error, eps
         self.em_iterations, self.cg_iterations = em_iterations, cg_iterations
 
     def tau2(self, sigma: Tensor) -> Tensor:
-        """Posterior variance of x0 at noise ``sigma`` for data of std ``data_std``, ``(B,)``."""
+        """Variance of the estimate x0_hat at noise ``sigma``, ``(B,)``: the posterior variance of x0 for data
+        of std ``data_std``, plus ``prior_error^2``."""
         s2, sigma2 = self.data_std**2, sigma.float() ** 2
-        return s2 * sigma2 / (s2 + sigma2)
+        return s2 * sigma2 / (s2 + sigma2) + self.prior_error**2
 
     def rho(self, sigma: Tensor) -> Tensor:
         """Prior precision ``prior_weight / tau^2`` per sample, ``(B,)``."""
@@ -200,8 +204,8 @@ class FusionDiffusion(DiffusionModule):
     ``source_a`` / ``source_b`` ``(B, 1, *spatial)`` in ``[0, 1]`` and returns the fused luma.
 
     Args:
-        intensity_weight, gradient_weight, prior_weight, intensity_target, gradient_target, em_iterations,
-            cg_iterations: the likelihood, see :class:`FusionLikelihood`.
+        intensity_weight, gradient_weight, prior_weight, prior_error, intensity_target, gradient_target,
+            em_iterations, cg_iterations: the likelihood, see :class:`FusionLikelihood`.
         **kwargs: see :class:`medidiff.lit.base.DiffusionModule`; the network must be unconditional
             (``cond_channels: 0``).
     """
@@ -209,9 +213,9 @@ class FusionDiffusion(DiffusionModule):
     task = "fusion"
 
     def __init__(self, intensity_weight: float = 10.0, gradient_weight: float = 10.0,
-                 prior_weight: float = 1.0, intensity_target: IntensityTarget = "max",
-                 gradient_target: GradientTarget = "max", em_iterations: int = 1, cg_iterations: int = 10,
-                 **kwargs: Any):
+                 prior_weight: float = 1.0, prior_error: float = 0.0,
+                 intensity_target: IntensityTarget = "max", gradient_target: GradientTarget = "max",
+                 em_iterations: int = 1, cg_iterations: int = 10, **kwargs: Any):
         super().__init__(**kwargs)
         self.save_hyperparameters(*LIKELIHOOD_OPTIONS)
         if getattr(self.net, "cond_channels", 0):
