@@ -81,8 +81,12 @@ def _infer(args: argparse.Namespace) -> None:
     module, data_hparams = load_module(args.ckpt, task=args.task)
     module.to(torch.device(args.device))
     hp = module.hparams
-    options = SamplingOptions(sampler=args.sampler or hp.sampler, steps=args.steps or hp.steps,
-                              grid=args.grid or hp.grid, ensemble=args.ensemble, seed=args.seed, fusion=args.fusion)
+    # deterministic baselines have no sampler settings: SamplingOptions' defaults only fill the record
+    defaults = SamplingOptions()
+    options = SamplingOptions(sampler=args.sampler or hp.get("sampler", defaults.sampler),
+                              steps=args.steps or hp.get("steps", defaults.steps),
+                              grid=args.grid or hp.get("grid", defaults.grid), ensemble=args.ensemble,
+                              seed=args.seed, fusion=args.fusion)
     if args.task in ("restoration", "superres"):
         from medidiff.inference_image import infer_image
 

@@ -61,13 +61,13 @@ def main() -> None:
     parser.add_argument("--diffusion", type=Path, required=True)
     parser.add_argument("--unet", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/drive_results"))
-    parser.add_argument("--ddpm-cases", default="01,02", help="test cases for the DDPM-1000 row")
+    parser.add_argument("--ddpm-cases", default="01", help="test cases for the DDPM-1000 row")
     parser.add_argument("--skip-ddpm", action="store_true")
     args = parser.parse_args()
     full = {"images": DRIVE / "images", "1st_manual": DRIVE / "1st_manual", "mask": DRIVE / "mask"}
     few = subset(args.out, args.ddpm_cases.split(","))
     rows = [run_row("unet", args.unet, args.out, full, [])]
-    for nfe in (5, 10, 20, 50):
+    for nfe in (1, 5, 10, 20, 50):
         rows.append(run_row(f"dpmpp_2m_nfe{nfe}", args.diffusion, args.out, full, ["--steps", str(nfe)]))
     rows.append(run_row("dpmpp_2m_nfe10_ens5", args.diffusion, args.out, full, ["--steps", "10", "--ensemble", "5"]))
     rows.append(run_row("dpmpp_2m_sde_nfe10_ens5_staple", args.diffusion, args.out, full,
