@@ -36,6 +36,7 @@ from medidiff.cli import main as medidiff_main  # noqa: E402
 from medidiff.data.cards import load_card  # noqa: E402
 from medidiff.fusion_infer import fusion_infer  # noqa: E402
 from medidiff.inference import SamplingOptions  # noqa: E402
+from medidiff.lit.fusion import LIKELIHOOD_OPTIONS  # noqa: E402
 from medidiff.metrics.evaluate import evaluate_fusion  # noqa: E402
 
 METRICS = ("en", "sd", "sf", "mi", "ssim", "qabf", "vif")
@@ -112,6 +113,8 @@ def main() -> None:
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="at most this many test pairs")
+    parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
+                        help="override likelihood options of the checkpoint, e.g. prior_weight=0.1")
     parser.add_argument("--out", type=Path, default=REPO / "runs/bench_fusion")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 avoids OpenMP oversubscription on a shared CPU")
@@ -125,6 +128,11 @@ def main() -> None:
     else:
         checkpoint, train_seconds = train_prior(args.dataset, args.train_minutes, root / "train")
     module, _ = load_module(checkpoint, task="fusion")
+    for option in args.set:
+        name, _, value = option.partition("=")
+        if name not in LIKELIHOOD_OPTIONS:
+            raise SystemExit(f"--set {option}: not a likelihood option ({', '.join(LIKELIHOOD_OPTIONS)})")
+        module.hparams[name] = type(module.hparams[name])(value)
     dirs = test_folders(args.dataset, root, args.limit)
     results = root / "results"
     rows = [run_method(name, dirs, results, method=name) for name in ("average", "max_abs", "laplacian")]
