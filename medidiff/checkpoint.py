@@ -19,6 +19,7 @@ import torch
 from medidiff.errors import MedidiffError
 
 ALLOWED_NETWORK_MODULES = ("medidiff.nets", "monai.networks.nets")
+SHARED_PREFIX = "denoiser.model."  # the same tensors as "net.*" (DiffusionModule.denoiser wraps self.net)
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -79,17 +80,28 @@ def load_module(path: str | os.PathLike, *, task: str | None = None, spatial_dim
     options = {k: v for k, v in hparams.items() if not k.startswith("_")}
     module = MODULES[module_name](net=net, **options)
     try:
-        module.load_state_dict(content["state_dict"])
+        missing, unexpected = module.load_state_dict(content["state_dict"], strict=False)
     except RuntimeError as err:
         raise MedidiffError(f"weights do not fit the network they claim ({str(err)[:300]})", path) from None
+    # the denoiser wraps the very same network as `net`, so exported checkpoints store those weights once
+    missing = [k for k in missing if not k.startswith(SHARED_PREFIX)]
+    if missing or unexpected:
+        raise MedidiffError(f"weights do not fit the network they claim (missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]})", path)
     return module.eval(), dict(content.get("datamodule_hyper_parameters", {}))
 
 
-def export(module, data_hparams: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write a small inference checkpoint: weights and settings only, no optimizer state (atomic)."""
+def export(module, data_hparams: dict[str, Any], path: str | os.PathLike, half: bool = True) -> Path:
+    """Write a small inference checkpoint: weights and settings only, no optimizer state (atomic).
+
+    With ``half`` the floating-point weights are stored as float16 (half the size; ``load_state_dict`` casts
+    them back to the module's float32 parameters, a relative change of about 1e-3 per weight).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    content = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in module.state_dict().items()
+             if not k.startswith(SHARED_PREFIX)}
+    content = {"state_dict": state, "hyper_parameters": dict(module.hparams),
                "datamodule_hyper_parameters": dict(data_hparams)}
     temporary = path.with_name(f".{path.name}.partial")
     torch.save(content, temporary)

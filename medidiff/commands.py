@@ -131,7 +131,9 @@ def _card_labels(card_name: str | None) -> tuple[dict[str, int] | None, dict[int
     from medidiff.data.cards import load_card
 
     card = load_card(card_name, check_files=False)
-    return dict(card.labels), dict(card.label_remap) if card.label_remap else None
+    # foreground classes only: a background Dice near 1 would inflate every mean
+    foreground = {name: value for name, value in card.labels.items() if value != 0}
+    return foreground, dict(card.label_remap) if card.label_remap else None
 
 
 def _export(args: argparse.Namespace) -> None:

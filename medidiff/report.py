@@ -47,7 +47,9 @@ def panel(images: Sequence[tuple[str, np.ndarray, str]], path: str | os.PathLike
         shown = np.rot90(shown) if kind != "rgb" else shown
         cmap = {"image": "gray", "label": "tab10", "uncertainty": "magma"}.get(kind)
         limits = {"label": (0, 9)}.get(kind, (None, None))
-        ax.imshow(shown, cmap=cmap, vmin=limits[0], vmax=limits[1], interpolation="nearest")
+        # very flat views (a few thick slices seen from the side) are stretched so that they stay visible
+        aspect = "auto" if shown.shape[0] * 3 < shown.shape[1] else "equal"
+        ax.imshow(shown, cmap=cmap, vmin=limits[0], vmax=limits[1], interpolation="nearest", aspect=aspect)
         ax.set_title(caption, fontsize=9)
         ax.axis("off")
     if title:

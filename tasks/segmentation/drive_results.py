@@ -38,15 +38,18 @@ def subset(out: Path, cases: list[str]) -> dict[str, Path]:
     return folders
 
 
-def run_row(name: str, ckpt: Path, out: Path, folders: dict[str, Path], infer_args: list[str]) -> dict:
+def run_row(name: str, ckpt: Path, out: Path, folders: dict[str, Path], infer_args: list[str],
+            seconds: float | None = None) -> dict:
+    """Infer (unless ``seconds`` of an earlier run are given: then only evaluate) and evaluate one row."""
     pred = out / name
-    shutil.rmtree(pred, ignore_errors=True)
-    start = time.perf_counter()
-    code = medidiff(["infer", "--task", "segmentation", "--ckpt", str(ckpt), "--input", str(folders["images"]),
-                     "--output", str(pred), *infer_args])
-    seconds = time.perf_counter() - start
-    if code:
-        raise SystemExit(f"infer failed for row {name}")
+    if seconds is None:
+        shutil.rmtree(pred, ignore_errors=True)
+        start = time.perf_counter()
+        code = medidiff(["infer", "--task", "segmentation", "--ckpt", str(ckpt), "--input",
+                         str(folders["images"]), "--output", str(pred), *infer_args])
+        seconds = time.perf_counter() - start
+        if code:
+            raise SystemExit(f"infer failed for row {name}")
     metrics = out / f"{name}.json"
     medidiff(["evaluate", "--task", "segmentation", "--pred", str(pred), "--ref", str(folders["1st_manual"]),
               "--region", str(folders["mask"]), "--card", "drive", "--out", str(metrics)])
@@ -63,21 +66,27 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/drive_results"))
     parser.add_argument("--ddpm-cases", default="01", help="test cases for the DDPM-1000 row")
     parser.add_argument("--skip-ddpm", action="store_true")
+    parser.add_argument("--evaluate-only", action="store_true",
+                        help="re-score the predictions of an earlier run (its rows.json gives the times)")
     args = parser.parse_args()
     full = {"images": DRIVE / "images", "1st_manual": DRIVE / "1st_manual", "mask": DRIVE / "mask"}
     few = subset(args.out, args.ddpm_cases.split(","))
-    rows = [run_row("unet", args.unet, args.out, full, [])]
-    for nfe in (1, 5, 10, 20, 50):
-        rows.append(run_row(f"dpmpp_2m_nfe{nfe}", args.diffusion, args.out, full, ["--steps", str(nfe)]))
-    rows.append(run_row("dpmpp_2m_nfe10_ens5", args.diffusion, args.out, full, ["--steps", "10", "--ensemble", "5"]))
-    rows.append(run_row("dpmpp_2m_sde_nfe10_ens5_staple", args.diffusion, args.out, full,
-                        ["--sampler", "dpmpp_2m_sde", "--steps", "10", "--ensemble", "5", "--fusion", "staple"]))
+    plan = [("unet", args.unet, full, [])]
+    plan += [(f"dpmpp_2m_nfe{nfe}", args.diffusion, full, ["--steps", str(nfe)]) for nfe in (1, 5, 10, 20, 50)]
+    plan += [("dpmpp_2m_nfe10_ens5", args.diffusion, full, ["--steps", "10", "--ensemble", "5"]),
+             ("dpmpp_2m_sde_nfe10_ens5_staple", args.diffusion, full,
+              ["--sampler", "dpmpp_2m_sde", "--steps", "10", "--ensemble", "5", "--fusion", "staple"])]
     if not args.skip_ddpm:
-        rows.append(run_row("subset_dpmpp_2m_nfe10", args.diffusion, args.out, few, ["--steps", "10"]))
-        rows.append(run_row("subset_ddpm_1000", args.diffusion, args.out, few,
-                            ["--sampler", "ddpm", "--steps", "1000", "--grid", "trailing"]))
+        plan += [("subset_dpmpp_2m_nfe10", args.diffusion, few, ["--steps", "10"]),
+                 ("subset_ddpm_1000", args.diffusion, few, ["--sampler", "ddpm", "--steps", "1000", "--grid",
+                                                            "trailing"])]
+    earlier = {}
+    if args.evaluate_only:
+        earlier = {r["row"]: r["seconds"] for r in json.loads((args.out / "rows.json").read_text())}
+    rows = [run_row(name, ckpt, args.out, folders, infer_args, earlier.get(name) if args.evaluate_only else None)
+            for name, ckpt, folders, infer_args in plan]
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"\n| row | infer arguments | n | Dice (mean ± std) | HD95 px | wall time | machine |")
+    print(f"\n| row | infer arguments | n | vessel Dice (mean ± std) | HD95 px | wall time | machine |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['row']} | `{r['args'] or '(checkpoint defaults)'}` | {r['n']} | {r['dice']:.3f} ± "
