@@ -9,9 +9,9 @@ Formats: NIfTI (nibabel), a DICOM series folder and ``.mha``/``.nrrd`` (SimpleIT
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -31,9 +31,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_2D_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".bmp")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-# Raised by nibabel / gzip / ITK / Pillow on corrupt or truncated files.
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, RuntimeError, UnidentifiedImageError,
-                nib.filebasedimages.ImageFileError)
+# Deflate cannot compress more than 1032:1, so a .nii.gz header claiming more voxel bytes than that is lying.
+_MAX_DEFLATE_RATIO = 1032
 
 
 def read(
@@ -63,6 +62,8 @@ def read(
     if not path.exists():
         raise MedidiffError("file not found", path)
     array, affine, extra = _read_any(path)
+    if array.size == 0:
+        raise MedidiffError(f"holds no voxels (array shape {array.shape})", path)
     array = _channel_first(array, path, expected_ndim)
     if channels is not None and array.shape[0] != channels:
         raise MedidiffError(f"has {array.shape[0]} channel(s) but {channels} expected "
@@ -81,22 +82,52 @@ def source_path(reference: Any) -> Path | None:
 def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     """Dispatch on the file type; returns (array in file axis order, 4x4 RAS affine, extra meta)."""
     name = path.name.lower()
+    if path.is_dir():
+        decode = _read_dicom_series
+    elif name.endswith(NIFTI_SUFFIXES):
+        decode = _read_nifti
+    elif name.endswith(IMAGE_2D_SUFFIXES):
+        decode = lambda p: (_read_2d(p), np.eye(4), {})  # noqa: E731
+    elif name.endswith(ITK_SUFFIXES) or name.endswith(".dcm"):
+        decode = lambda p: _read_itk(sitk.ReadImage(str(p)))  # noqa: E731
+    else:
+        raise MedidiffError(f"unknown file type; expected one of {NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES + ITK_SUFFIXES}"
+                            " or a DICOM folder", path)
     try:
-        if path.is_dir():
-            return _read_dicom_series(path)
-        if name.endswith(NIFTI_SUFFIXES):
-            img = nib.load(str(path))
-            return np.asanyarray(img.dataobj), img.affine.astype(np.float64), {}
-        if name.endswith(IMAGE_2D_SUFFIXES):
-            return _read_2d(path), np.eye(4), {}
-        if name.endswith(ITK_SUFFIXES) or name.endswith(".dcm"):
-            return _read_itk(sitk.ReadImage(str(path)))
+        array, affine, extra = decode(path)
     except MedidiffError:
         raise
-    except _READ_ERRORS as err:
-        raise MedidiffError(f"cannot be read, the file looks corrupt or truncated ({err})", path) from None
-    raise MedidiffError(f"unknown file type; expected one of {NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES + ITK_SUFFIXES}"
-                        " or a DICOM folder", path)
+    except MemoryError:
+        raise MedidiffError("is too large to read into memory", path) from None
+    except (AttributeError, NameError, ImportError):
+        raise  # a bug in the reading code, not a corrupt file
+    except Exception as err:  # noqa: BLE001 - nibabel, gzip, Pillow and ITK raise many types on corrupt bytes
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise MedidiffError(f"cannot be read, the file looks corrupt or truncated ({type(err).__name__}: {detail})",
+                            path) from err
+    if array.dtype.kind not in "biuf":
+        raise MedidiffError(f"has voxel type {array.dtype}; medidiff reads integer or floating-point images", path)
+    if not np.isfinite(affine).all():
+        raise MedidiffError("has a non-finite voxel-to-world transform in its header (pixdim, qform or sform)", path)
+    return np.asarray(array), affine, extra
+
+
+def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    """NIfTI through nibabel, checking the header against the file size before any voxel is read."""
+    img = nib.load(str(path))
+    header = img.header
+    shape, dtype = header.get_data_shape(), header.get_data_dtype()
+    if dtype.kind not in "biuf":
+        raise MedidiffError(f"has voxel type {dtype} (NIfTI datatype {int(header['datatype'])}); medidiff reads "
+                            "integer or floating-point images", path)
+    claimed = int(header.get_data_offset()) + math.prod(int(n) for n in shape) * dtype.itemsize
+    size = path.stat().st_size
+    compressed = path.name.lower().endswith(".gz")
+    if claimed > size * (_MAX_DEFLATE_RATIO if compressed else 1):
+        raise MedidiffError(f"cannot be read, the file looks corrupt or truncated: its header claims {tuple(shape)} "
+                            f"voxels of {dtype} ({claimed} bytes) but the file holds {size} bytes"
+                            f"{' compressed' if compressed else ''}", path)
+    return np.asanyarray(img.dataobj), img.affine.astype(np.float64), {}
 
 
 def _read_2d(path: Path) -> np.ndarray:
@@ -116,16 +147,70 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
         raise MedidiffError("no DICOM series found in this folder (empty, or files are not DICOM)", folder)
+    file_lists = [reader.GetGDCMSeriesFileNames(str(folder), s) for s in series]
+    _refuse_unreadable_slices(folder, {Path(f).name for files in file_lists for f in files})
     # Several series in one folder: take the one with most slices, the usual intent.
-    files = max((reader.GetGDCMSeriesFileNames(str(folder), s) for s in series), key=len)
+    files = max(file_lists, key=len)
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOff()
-    array, affine, extra = _read_itk(reader.Execute())
+    warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.GlobalWarningDisplayOff()  # uneven slices: refused below, with the file names
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        bad = next((Path(f) for f in files if not _itk_readable(f)), folder)
+        detail = (str(err).strip().splitlines() or [""])[-1][:200]
+        raise MedidiffError(f"cannot be read, the DICOM slice looks corrupt or truncated ({detail})", bad) from err
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings)
+    _check_slice_spacing(reader, files, image, folder)
+    array, affine, extra = _read_itk(image)
     if reader.HasMetaDataKey(0, "0008|0060"):
         extra["modality"] = reader.GetMetaData(0, "0008|0060").strip()
     extra["dicom_files"] = len(files)
     return array, affine, extra
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".dicom", ".ima"):
+        return True
+    with open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+
+
+def _refuse_unreadable_slices(folder: Path, in_series: set[str]) -> None:
+    """A DICOM file GDCM could not parse is silently left out of the series, leaving a gap: refuse it."""
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and path.name not in in_series and _looks_like_dicom(path):
+            raise MedidiffError(f"is not a readable DICOM file (corrupt or truncated) but sits in the series folder "
+                                f"{folder}; the volume would miss this slice", path)
+
+
+def _itk_readable(file: str) -> bool:
+    try:
+        sitk.ReadImage(file)
+        return True
+    except RuntimeError:
+        return False
+
+
+def _check_slice_spacing(reader: sitk.ImageSeriesReader, files: list[str], image: sitk.Image, folder: Path) -> None:
+    """Slices must be evenly spaced along the slice normal, else one is missing (ITK would only warn)."""
+    if len(files) < 3 or image.GetDimension() != 3:
+        return
+    try:
+        positions = [[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(len(files))]
+    except (RuntimeError, ValueError):
+        return  # no usable ImagePositionPatient: nothing to check against
+    normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
+    steps = np.diff(np.asarray(positions) @ normal)
+    usual = float(np.median(steps))
+    worst = int(np.argmax(np.abs(steps - usual)))
+    if abs(usual) < 1e-6 or abs(steps[worst] - usual) > 0.1 * abs(usual):
+        raise MedidiffError(f"DICOM slices are not evenly spaced: {abs(steps[worst]):.3g} mm between "
+                            f"{Path(files[worst]).name} and {Path(files[worst + 1]).name} where {abs(usual):.3g} mm "
+                            "is usual; a slice is missing or unreadable", folder)
 
 
 def _read_itk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -160,23 +245,30 @@ def _channel_first(array: np.ndarray, path: Path, expected_ndim: int | None) -> 
 
 
 def _checked_values(array: np.ndarray, path: Path, kind: str) -> np.ndarray:
+    if kind not in ("image", "label"):
+        raise ValueError(f"kind must be 'image' or 'label', got {kind!r}")
     if np.issubdtype(array.dtype, np.floating):
         finite = np.isfinite(array)
         if not finite.all():
             nan, inf = int(np.isnan(array).sum()), int(np.isinf(array).sum())
             raise MedidiffError(f"contains {nan} NaN and {inf} infinite voxel(s); fix or mask them first", path)
+        limit = np.iinfo(np.int32).max if kind == "label" else np.finfo(np.float32).max
+        if array.size and np.abs(array).max() > limit:
+            raise MedidiffError(f"holds values beyond {'int32' if kind == 'label' else 'float32'} range "
+                                f"(|max| {float(np.abs(array).max()):.3g}); check the header's scaling", path)
     if kind == "label":
         if np.issubdtype(array.dtype, np.floating) and not np.array_equal(array, np.round(array)):
             raise MedidiffError("is read as a label map but holds non-integer values", path)
         return array.astype(np.int64)
-    if kind != "image":
-        raise ValueError(f"kind must be 'image' or 'label', got {kind!r}")
     return array.astype(np.float32)
 
 
 def _to_metatensor(array: np.ndarray, affine: np.ndarray, path: Path, extra: dict) -> MetaTensor:
     spatial_ndim = array.ndim - 1
     spacing = np.sqrt((affine[:spatial_ndim, :spatial_ndim] ** 2).sum(axis=0))
+    if not (spacing > 0).all() or abs(np.linalg.det(affine[:spatial_ndim, :spatial_ndim])) < 1e-12 * spacing.prod():
+        raise MedidiffError(f"has a degenerate voxel-to-world transform (voxel size {tuple(spacing.round(6))}, axes "
+                            "not independent); fix pixdim / qform / sform in the header", path)
     pixdim = np.ones(8)
     pixdim[1 : 1 + spatial_ndim] = spacing
     meta = {
@@ -186,7 +278,7 @@ def _to_metatensor(array: np.ndarray, affine: np.ndarray, path: Path, extra: dic
         "original_channel_dim": 0,
         "pixdim": pixdim,
         "spacing": tuple(float(s) for s in spacing),
-        "orientation": "".join(nib.aff2axcodes(affine))[:spatial_ndim],
+        "orientation": "".join(code or "?" for code in nib.aff2axcodes(affine))[:spatial_ndim],
         "space": "RAS",
         **extra,
     }
@@ -309,8 +401,13 @@ def check_pair(image: MetaTensor, label: MetaTensor, *, atol: float = 1e-3) -> N
                             f"{tuple(image.shape[1:])} ({other})", where)
     a, b = _reference_geometry(image)[0], _reference_geometry(label)[0]
     if not np.allclose(a, b, atol=atol):
-        raise MedidiffError(f"label affine differs from the image's ({other}); they are not on the same grid:\n"
-                            f"image\n{np.round(a, 4)}\nlabel\n{np.round(b, 4)}", where)
+        raise MedidiffError(f"label affine differs from the image's ({other}) by up to {np.abs(a - b).max():.4g} mm; "
+                            f"they are not on the same grid (image origin {_fmt(a[:3, 3])}, voxel axes "
+                            f"{_fmt(a[:3, :3])}; label origin {_fmt(b[:3, 3])}, voxel axes {_fmt(b[:3, :3])})", where)
+
+
+def _fmt(values: np.ndarray) -> str:
+    return np.array2string(np.round(np.asarray(values, dtype=float), 4), separator=", ").replace("\n", "")
 
 
 def _reference_geometry(reference: Any) -> tuple[np.ndarray, tuple[int, ...] | None]:
@@ -322,8 +419,8 @@ def _reference_geometry(reference: Any) -> tuple[np.ndarray, tuple[int, ...] | N
         if path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file():
             try:
                 header = nib.load(str(path))  # header only: no voxel data read
-            except _READ_ERRORS as err:
-                raise MedidiffError(f"cannot be read ({err})", path) from None
+            except Exception as err:  # noqa: BLE001 - nibabel raises many types on a corrupt header
+                raise MedidiffError(f"cannot be read ({type(err).__name__}: {err})", path) from err
             return header.affine.astype(np.float64), tuple(header.shape[:3])
         reference = read(path)
     affine = getattr(reference, "affine", None)
