@@ -79,14 +79,17 @@ def run_method(name: str, dirs: tuple[Path, Path], out: Path, **kwargs) -> dict:
 
 
 def panels(dirs: tuple[Path, Path], fused: Path, names: list[str], target: Path, prefix: str) -> list[Path]:
-    """Side-by-side PNGs ``source A | source B | fused`` (colour kept), 8-bit."""
+    """Side-by-side PNGs ``source A | source B | fused`` (colour kept), 8-bit, at half resolution."""
     written = []
     for name in names:
         images = []
         for path in (dirs[0] / name, dirs[1] / name, fused / name):
             data = np.asarray(io.read(path), dtype=np.float32)
             images.append(np.repeat(data, 3, axis=0) if data.shape[0] == 1 else data)
-        row = np.concatenate(images, axis=2).astype(np.uint8)
+        row = np.concatenate(images, axis=2)
+        height, width = row.shape[1] // 2 * 2, row.shape[2] // 2 * 2  # half size: small PNGs
+        row = row[:, :height, :width].reshape(3, height // 2, 2, width // 2, 2).mean((2, 4)).round()
+        row = row.astype(np.uint8)
         written.append(io.write_png(row, target / f"{prefix}_{Path(name).stem}.png"))
     return written
 
