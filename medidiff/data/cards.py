@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib.resources
+import importlib.util
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -109,35 +110,41 @@ def load_card(name_or_path: str | os.PathLike, *, check_files: bool = True) -> D
     """
     path = _find_card(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise MedidiffError(f"cannot be parsed as YAML ({err})", path) from None
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as err:
+        detail = " ".join(str(err).split())[:300]
+        raise MedidiffError(f"cannot be parsed as YAML ({type(err).__name__}: {detail})", path) from None
     _check_keys(raw, _TOP, path, "card")
-    inputs = {k: _input_spec(k, v, path) for k, v in _mapping(raw["inputs"], "inputs", path).items()}
+    inputs = {_key(k, "inputs", path): _input_spec(k, v, path)
+              for k, v in _mapping(raw["inputs"], "inputs", path).items()}
     labels = _labels(raw.get("labels") or {}, path)
     remap, others = _remap(raw.get("label_remap"), raw.get("label_others"), labels, path)
-    derive = {k: _checked(v, _DERIVE, path, f"derive.{k}") for k, v in (raw.get("derive") or {}).items()}
-    for k, v in derive.items():
-        if v["method"] != "tissue_argmax":
-            raise MedidiffError(f"derive.{k}.method must be 'tissue_argmax', got '{v['method']}'", path)
+    derive_raw = raw.get("derive") or {}
+    derive = {_key(k, "derive", path): _derive(k, v, path)
+              for k, v in (_mapping(derive_raw, "derive", path).items() if derive_raw else ())}
     for k, v in _mapping(raw["splits"], "splits", path).items():
-        _check_keys(v, _SPLIT, path, f"splits.{k}")
-    root = resolve_root(str(raw.get("root", "${shared}")), path)
-    if check_files and not root.exists():
+        _check_keys(v, _SPLIT, path, f"splits.{_key(k, 'splits', path)}")
+    dims = _dims(raw, path)
+    spacing = _spacing(raw.get("spacing"), dims, path)
+    orientation = _orientation(raw.get("orientation", "RAS"), path)
+    slice_axis = _integer(raw.get("slice_axis", 2), "slice_axis", path, low=0, high=2)
+    root = resolve_root(_text(raw.get("root", "${shared}"), "root", path), path)
+    if check_files and not _exists(root):
         raise MedidiffError(f"data root {root} does not exist (for ${{shared}} set MEDIDIFF_SHARED_DATA "
                             "or place the data in ../shared/data beside the repository)", path)
     splits = {k: _split(k, v, root, path, check_files) for k, v in raw["splits"].items()}
     for needed in ("train", "val"):
         if needed not in splits:
             raise MedidiffError(f"splits: missing required split '{needed}'", path)
+    citation = raw.get("citation")
     card = DataCard(
-        name=str(raw["name"]), description=str(raw["description"]), source=str(raw["source"]),
-        licence=str(raw["licence"]), modality=str(raw["modality"]), spatial_dims=_dims(raw, path),
+        name=_text(raw["name"], "name", path), description=_text(raw["description"], "description", path),
+        source=_text(raw["source"], "source", path), licence=_text(raw["licence"], "licence", path),
+        modality=_text(raw["modality"], "modality", path), spatial_dims=dims,
         tasks=_tasks(raw["tasks"], path), inputs=inputs, splits=splits, path=path, root=root,
-        citation=raw.get("citation"), labels=labels, label_remap=remap, label_others=others,
-        spacing=tuple(float(s) for s in raw["spacing"]) if raw.get("spacing") else None,
-        orientation=str(raw.get("orientation", "RAS")), slice_axis=int(raw.get("slice_axis", 2)),
-        derive=derive, caveats=tuple(raw.get("caveats") or ()),
+        citation=None if citation is None else _text(citation, "citation", path), labels=labels,
+        label_remap=remap, label_others=others, spacing=spacing, orientation=orientation, slice_axis=slice_axis,
+        derive=derive, caveats=_texts(raw.get("caveats") or [], "caveats", path),
     )
     if check_files:
         _check_files(card)
@@ -160,11 +167,12 @@ def resolve_root(root: str, card_path: Path) -> Path:
     """Expand ``${shared}``, ``${card}`` and ``package:<module>/<sub/path>`` in a card's root or file."""
     if root.startswith("package:"):
         module, _, rest = root[len("package:"):].partition("/")
-        try:
-            base = Path(str(importlib.resources.files(module)))
-        except ModuleNotFoundError:
-            raise MedidiffError(f"root/file names package '{module}', which is not installed", card_path) from None
-        return base / rest
+        # find_spec locates a top-level package without importing it: a card never runs code
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+        if spec is None or not spec.submodule_search_locations:
+            raise MedidiffError(f"root/file names package '{module}', which is not an installed package",
+                                card_path)
+        return Path(next(iter(spec.submodule_search_locations))) / rest
     expanded = root.replace("${shared}", str(shared_data_root())).replace("${card}", str(card_path.parent))
     if "${" in expanded:
         raise MedidiffError(f"unknown variable in '{root}'; use ${{shared}}, ${{card}} or package:", card_path)
@@ -212,76 +220,187 @@ def _mapping(raw: Any, where: str, path: Path) -> dict[str, Any]:
     return raw
 
 
+def _key(key: Any, where: str, path: Path) -> str:
+    """A name under ``inputs``/``splits``/``derive``: a non-empty string."""
+    if not isinstance(key, str) or not key:
+        raise MedidiffError(f"{where}: key {key!r} must be a non-empty name", path)
+    return key
+
+
+def _text(value: Any, where: str, path: Path) -> str:
+    """A free-text field: a string (numbers are taken as their text), never a list, mapping or empty."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value) == "":
+        raise MedidiffError(f"{where}: expected text, got {_show(value)}", path)
+    return str(value)
+
+
+def _texts(value: Any, where: str, path: Path) -> tuple[str, ...]:
+    """A list of names or lines (a single string is a list of one)."""
+    items = value if isinstance(value, list) else [value]
+    return tuple(_text(v, f"{where}[{i}]", path) for i, v in enumerate(items))
+
+
+def _number(value: Any, where: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MedidiffError(f"{where}: expected a finite number, got {_show(value)}", path)
+    return float(value)
+
+
+def _integer(value: Any, where: str, path: Path, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MedidiffError(f"{where}: expected an integer, got {_show(value)}", path)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise MedidiffError(f"{where}: {value} is outside {low}..{high}", path)
+    return value
+
+
+def _range(value: Any, where: str, path: Path) -> tuple[int, int]:
+    """``[start, stop]``, two integers with 0 <= start < stop."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise MedidiffError(f"{where}: expected [start, stop], got {_show(value)}", path)
+    start, stop = (_integer(v, where, path, low=0) for v in value)
+    if start >= stop:
+        raise MedidiffError(f"{where}: start {start} must be below stop {stop}", path)
+    return start, stop
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) < 60 else text[:57] + '...'}"
+
+
 def _dims(raw: dict, path: Path) -> int:
-    if raw["spatial_dims"] not in (2, 3):
-        raise MedidiffError(f"spatial_dims must be 2 or 3, got {raw['spatial_dims']!r}", path)
-    return int(raw["spatial_dims"])
+    value = raw["spatial_dims"]
+    if isinstance(value, bool) or value not in (2, 3):
+        raise MedidiffError(f"spatial_dims must be 2 or 3, got {value!r}", path)
+    return int(value)
 
 
 def _tasks(raw: Any, path: Path) -> tuple[str, ...]:
     tasks = tuple(raw if isinstance(raw, list) else [raw])
+    if not tasks:
+        raise MedidiffError(f"tasks: list at least one of {', '.join(TASKS)}", path)
     for task in tasks:
-        if task not in TASKS:
+        if not isinstance(task, str) or task not in TASKS:
             hint = difflib.get_close_matches(str(task), TASKS, n=1)
             raise MedidiffError(f"tasks: unknown task '{task}'" + (f"; did you mean '{hint[0]}'?" if hint else ""), path)
     return tasks
 
 
+def _spacing(raw: Any, dims: int, path: Path) -> tuple[float, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or len(raw) != dims:
+        raise MedidiffError(f"spacing: expected {dims} voxel sizes in mm, got {_show(raw)}", path)
+    spacing = tuple(_number(v, "spacing", path) for v in raw)
+    if min(spacing) <= 0:
+        raise MedidiffError(f"spacing: voxel sizes must be positive, got {list(spacing)}", path)
+    return spacing
+
+
+def _orientation(raw: Any, path: Path) -> str:
+    """Three axis codes, one from each of L/R, A/P, S/I (MONAI/nibabel convention: the direction axes point to)."""
+    text = raw if isinstance(raw, str) else ""
+    pairs = [{"L", "R"}, {"A", "P"}, {"S", "I"}]
+    if len(text) != 3 or sorted(next((i for i, p in enumerate(pairs) if c in p), 9) for c in text) != [0, 1, 2]:
+        raise MedidiffError(f"orientation: expected three axis codes such as RAS or LPS, got {_show(raw)}", path)
+    return text
+
+
 def _input_spec(key: str, raw: Any, path: Path) -> InputSpec:
     _check_keys(raw, _INPUT, path, f"inputs.{key}")
     norm = _checked(raw["normalise"], _NORMALISE, path, f"inputs.{key}.normalise")
-    if norm["method"] not in _NORM_METHODS:
+    if not isinstance(norm["method"], str) or norm["method"] not in _NORM_METHODS:
         raise MedidiffError(f"inputs.{key}.normalise.method must be one of {list(_NORM_METHODS)}, "
                             f"got '{norm['method']}'", path)
     for needed in _NORM_METHODS[norm["method"]]:
         if needed not in norm:
             raise MedidiffError(f"inputs.{key}.normalise: missing required key '{needed}'", path)
-    channels = tuple(str(c) for c in raw["channels"])
-    use = tuple(str(c) for c in raw.get("use", channels))
+    low, high = (_number(norm[b], f"inputs.{key}.normalise.{b}", path) for b in _NORM_METHODS[norm["method"]])
+    rule = "0 <= lower < upper <= 100" if norm["method"] == "percentile" else "low < high"
+    if low >= high or (norm["method"] == "percentile" and not 0 <= low < high <= 100):
+        raise MedidiffError(f"inputs.{key}.normalise: need {rule}, got {low} and {high}", path)
+    channels = _texts(raw["channels"], f"inputs.{key}.channels", path)
+    use = _texts(raw.get("use", list(channels)), f"inputs.{key}.use", path)
     for name in use:
         if name not in channels:
             raise MedidiffError(f"inputs.{key}.use: channel '{name}' is not one of {list(channels)}", path)
-    return InputSpec(channels=channels, use=use, normalise=norm, modality=raw.get("modality"))
+    modality = raw.get("modality")
+    return InputSpec(channels=channels, use=use, normalise=norm,
+                     modality=None if modality is None else _text(modality, f"inputs.{key}.modality", path))
 
 
-def _labels(raw: dict, path: Path) -> dict[str, int]:
-    labels = {str(k): int(v) for k, v in raw.items()}
+def _labels(raw: Any, path: Path) -> dict[str, int]:
+    if not isinstance(raw, dict):
+        raise MedidiffError(f"labels: expected a mapping of label name to integer, got {_show(raw)}", path)
+    labels = {_text(k, "labels", path): _integer(v, f"labels.{k}", path) for k, v in raw.items()}
     if labels and sorted(labels.values()) != list(range(len(labels))):
         raise MedidiffError(f"labels must map names to contiguous integers 0..K-1, got {labels}", path)
     return labels
 
 
-def _remap(raw: dict | None, others: Any, labels: dict[str, int], path: Path) -> tuple[dict[int, int] | None, int | None]:
+def _remap(raw: Any, others: Any, labels: dict[str, int], path: Path) -> tuple[dict[int, int] | None, int | None]:
     def to_class(value: Any, where: str) -> int:
         if isinstance(value, str) and value in labels:
             return labels[value]
-        if isinstance(value, int) and value in labels.values():
+        if isinstance(value, int) and not isinstance(value, bool) and value in labels.values():
             return value
         hint = difflib.get_close_matches(str(value), list(labels), n=1)
         raise MedidiffError(f"{where}: '{value}' is not a label of this card"
                             + (f"; did you mean '{hint[0]}'?" if hint else f" ({list(labels)})"), path)
 
-    remap = None if raw is None else {int(k): to_class(v, f"label_remap.{k}") for k, v in raw.items()}
+    if raw is not None and not isinstance(raw, dict):
+        raise MedidiffError(f"label_remap: expected a mapping of file value to label, got {_show(raw)}", path)
+    remap = None if raw is None else {_integer(k, "label_remap key", path): to_class(v, f"label_remap.{k}")
+                                      for k, v in raw.items()}
     return remap, None if others is None else to_class(others, "label_others")
 
 
+def _derive(key: str, raw: Any, path: Path) -> dict[str, Any]:
+    spec = _checked(raw, _DERIVE, path, f"derive.{key}")
+    if spec["method"] != "tissue_argmax":
+        raise MedidiffError(f"derive.{key}.method must be 'tissue_argmax', got '{spec['method']}'", path)
+    if not isinstance(spec["from"], list) or not spec["from"]:
+        raise MedidiffError(f"derive.{key}.from: expected a list of keys, got {_show(spec['from'])}", path)
+    spec["from"] = list(_texts(spec["from"], f"derive.{key}.from", path))
+    for name in ("threshold", "scale"):
+        if name in spec:
+            spec[name] = _number(spec[name], f"derive.{key}.{name}", path)
+    if spec.get("scale", 1.0) <= 0:
+        raise MedidiffError(f"derive.{key}.scale must be positive, got {spec['scale']}", path)
+    return spec
+
+
 def _split(name: str, raw: Any, root: Path, path: Path, strict: bool = True) -> Split:
-    _check_keys(raw, _SPLIT, path, f"splits.{name}")
+    where = f"splits.{name}"
+    _check_keys(raw, _SPLIT, path, where)
     if ("pattern" in raw) == ("cases" in raw):
-        raise MedidiffError(f"splits.{name}: give exactly one of 'pattern' or 'cases'", path)
+        raise MedidiffError(f"{where}: give exactly one of 'pattern' or 'cases'", path)
     if "cases" in raw:
-        cases = [{"id": str(case.get("id", i)),
-                  **{k: str(_file(root, v, path)) for k, v in case.items() if k != "id"}}
-                 for i, case in enumerate(raw["cases"])]
+        if not isinstance(raw["cases"], list):
+            raise MedidiffError(f"{where}.cases: expected a list of cases, got {_show(raw['cases'])}", path)
+        cases = [_case(case, i, root, path, f"{where}.cases[{i}]") for i, case in enumerate(raw["cases"])]
     else:
-        cases = _expand_pattern(raw["pattern"], raw.get("ids"), root, path, f"splits.{name}", strict)
+        pattern = _mapping(raw["pattern"], f"{where}.pattern", path)
+        pattern = {_key(k, f"{where}.pattern", path): _text(v, f"{where}.pattern.{k}", path) for k, v in pattern.items()}
+        cases = _expand_pattern(pattern, raw.get("ids"), root, path, where, strict)
     if "take" in raw:
-        start, stop = raw["take"]
+        start, stop = _range(raw["take"], f"{where}.take", path)
         cases = cases[start:stop]
     if not cases and strict:
-        raise MedidiffError(f"splits.{name}: no cases found (pattern matched no files under {root})", path)
-    slices = tuple(int(s) for s in raw["slices"]) if raw.get("slices") else None
+        raise MedidiffError(f"{where}: no cases found (pattern matched no files under {root})", path)
+    slices = _range(raw["slices"], f"{where}.slices", path) if raw.get("slices") is not None else None
     return Split(cases=cases, slices=slices)
+
+
+def _case(raw: Any, index: int, root: Path, path: Path, where: str) -> dict[str, str]:
+    if not isinstance(raw, dict) or not raw:
+        raise MedidiffError(f"{where}: expected a mapping such as {{id: ..., image: ...}}, got {_show(raw)}", path)
+    files = {_key(k, where, path): _text(v, f"{where}.{k}", path) for k, v in raw.items() if k != "id"}
+    if not files:
+        raise MedidiffError(f"{where}: names no file", path)
+    return {"id": _text(raw.get("id", index), f"{where}.id", path),
+            **{k: str(_file(root, v, path)) for k, v in files.items()}}
 
 
 def _expand_pattern(pattern: dict[str, str], ids: Any, root: Path, path: Path, where: str,
@@ -291,11 +410,15 @@ def _expand_pattern(pattern: dict[str, str], ids: Any, root: Path, path: Path, w
     if "{id}" not in first:
         raise MedidiffError(f"{where}.pattern: the image pattern must contain '{{id}}'", path)
     regex = re.compile(re.escape(first).replace(re.escape("{id}"), "(?P<id>.+?)") + "$")
-    found = (regex.match(p.relative_to(root).as_posix()) for p in root.glob(first.replace("{id}", "*")))
+    try:
+        found = [regex.match(p.relative_to(root).as_posix()) for p in root.glob(first.replace("{id}", "*"))]
+    except (ValueError, NotImplementedError, OSError) as err:
+        raise MedidiffError(f"{where}.pattern: '{first}' is not a usable file pattern under {root} ({err})",
+                            path) from None
     available = sorted(m["id"] for m in found if m)
     selected = available
     if ids is not None:
-        globs = [str(i) for i in (ids if isinstance(ids, list) else [ids])]
+        globs = list(_texts(ids, f"{where}.ids", path))
         for glob in globs:
             if strict and not any(fnmatch.fnmatchcase(i, glob) for i in available):
                 raise MedidiffError(f"{where}.ids: no file matches id '{glob}' ({root / first})", path)
@@ -308,10 +431,18 @@ def _file(root: Path, value: str, card_path: Path) -> Path:
     return resolve_root(value, card_path) if value.startswith(("package:", "${")) else root / value
 
 
+def _exists(path: Path) -> bool:
+    """``path.exists()``, False for names the OS cannot even look up (NUL bytes, too long)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _check_files(card: DataCard) -> None:
     for split_name, split in card.splits.items():
         for case in split.cases:
             for key, value in case.items():
-                if key != "id" and not Path(value).exists():
+                if key != "id" and not _exists(Path(value)):
                     raise MedidiffError(f"splits.{split_name}, case '{case['id']}', key '{key}': file "
                                         f"{value} does not exist", card.path)
