@@ -60,12 +60,25 @@ def list_inputs(path: str | os.PathLike) -> list[Path]:
 
 
 def check_output_dir(output: Path, inputs: list[Path]) -> None:
-    output.mkdir(parents=True, exist_ok=True)
+    """Create the output folder after refusing one that is an input, lies inside a DICOM input or holds the
+    input scans (results there could overwrite an input, and a later run over the folder would take them for
+    inputs), or that cannot be a writable folder."""
+    target = output.resolve()
+    for path in inputs:
+        source = path.resolve()
+        if target == source or (path.is_dir() and target.is_relative_to(source)):
+            raise MedidiffError(f"output folder must not be an input or inside one (input {path})", output)
+        if path.is_file() and target == source.parent:
+            raise MedidiffError(f"output folder holds the input {path.name}; choose a separate folder so that no "
+                                "input can be overwritten", output)
+    if output.exists() and not output.is_dir():
+        raise MedidiffError("output must be a folder, but a file of that name exists", output)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MedidiffError(f"cannot create the output folder ({err.strerror})", output) from None
     if not os.access(output, os.W_OK):
         raise MedidiffError("output folder is not writable", output)
-    for path in inputs:
-        if path.resolve() == output.resolve() or (path.is_dir() and output.resolve().is_relative_to(path.resolve())):
-            raise MedidiffError("output folder must not be an input or inside one", output)
 
 
 def preprocess_case(card_name: str, path: Path) -> tuple[dict[str, Any], Compose]:
