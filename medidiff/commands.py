@@ -50,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--ensemble", type=int, default=3, help="ensemble size for segmentation")
     demo.add_argument("--only", nargs="*", default=None, help="run only these tasks")
 
+    plot = sub.add_parser("plot-logs", help="training curves (PNG) from a Lightning metrics.csv")
+    plot.add_argument("log", type=Path, help="metrics.csv of a run (runs/.../lightning_logs/version_N/metrics.csv)")
+    plot.add_argument("--out", type=Path, default=None, help="PNG to write (default: beside the log)")
+
     export = sub.add_parser("export", help="shrink a training checkpoint to weights and settings")
     export.add_argument("--ckpt", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True)
@@ -58,7 +62,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_command(argv: Sequence[str]) -> None:
     args = _parser().parse_args(list(argv))
-    {"infer": _infer, "evaluate": _evaluate, "export": _export, "demo": _demo}[args.command](args)
+    {"infer": _infer, "evaluate": _evaluate, "export": _export, "demo": _demo,
+     "plot-logs": _plot_logs}[args.command](args)
+
+
+def _plot_logs(args: argparse.Namespace) -> None:
+    from medidiff.report import plot_logs
+
+    print(f"wrote {plot_logs(args.log, args.out or args.log.with_suffix('.png'))}")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -72,3 +72,35 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def plot_logs(metrics_csv: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Training curves from a Lightning CSV log (``metrics.csv``): one panel per logged quantity, against step."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medidiff.errors import MedidiffError
+
+    try:
+        rows = list(csv.DictReader(open(metrics_csv)))
+    except OSError as err:
+        raise MedidiffError(f"cannot read the training log ({err.strerror})", metrics_csv) from None
+    names = [k for k in (rows[0] if rows else {}) if k not in ("epoch", "step")]
+    if not names:
+        raise MedidiffError("has no logged metrics (expected Lightning's CSVLogger metrics.csv)", metrics_csv)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        points = [(int(r["step"]), float(r[name])) for r in rows if r.get(name)]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

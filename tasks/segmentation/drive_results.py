@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ def subset(out: Path, cases: list[str]) -> dict[str, Path]:
     """Folders holding only ``cases`` (symlinks), for rows too slow to run on all 20 test images."""
     folders = {}
     for kind, pattern in (("images", "{}_test.tif"), ("1st_manual", "{}_manual1.gif"), ("mask", "{}_test_mask.gif")):
-        folder = out / "subset" / kind
+        folder = out / kind
         folder.mkdir(parents=True, exist_ok=True)
         for case in cases:
             link = folder / pattern.format(case)
@@ -38,18 +36,17 @@ def subset(out: Path, cases: list[str]) -> dict[str, Path]:
     return folders
 
 
-def run_row(name: str, ckpt: Path, out: Path, folders: dict[str, Path], infer_args: list[str],
-            seconds: float | None = None) -> dict:
-    """Infer (unless ``seconds`` of an earlier run are given: then only evaluate) and evaluate one row."""
+def run_row(name: str, ckpt: Path, out: Path, folders: dict[str, Path], infer_args: list[str]) -> dict:
+    """Infer (skipped for a row whose predictions are complete) and evaluate one row; the time is the sum of the
+    per-case times in the provenance files (read, sample, write; model loading excluded)."""
     pred = out / name
-    if seconds is None:
-        shutil.rmtree(pred, ignore_errors=True)
-        start = time.perf_counter()
+    cases = len(list(folders["images"].iterdir()))
+    if len(list((pred / "provenance").glob("*.json"))) < cases:
         code = medidiff(["infer", "--task", "segmentation", "--ckpt", str(ckpt), "--input",
                          str(folders["images"]), "--output", str(pred), *infer_args])
-        seconds = time.perf_counter() - start
         if code:
             raise SystemExit(f"infer failed for row {name}")
+    seconds = sum(json.loads(p.read_text())["seconds"] for p in (pred / "provenance").glob("*.json"))
     metrics = out / f"{name}.json"
     medidiff(["evaluate", "--task", "segmentation", "--pred", str(pred), "--ref", str(folders["1st_manual"]),
               "--region", str(folders["mask"]), "--card", "drive", "--out", str(metrics)])
@@ -64,27 +61,24 @@ def main() -> None:
     parser.add_argument("--diffusion", type=Path, required=True)
     parser.add_argument("--unet", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/drive_results"))
+    parser.add_argument("--subset-cases", default="01,02", help="test cases for the costly rows (NFE 50, ensembles)")
     parser.add_argument("--ddpm-cases", default="01", help="test cases for the DDPM-1000 row")
-    parser.add_argument("--skip-ddpm", action="store_true")
-    parser.add_argument("--evaluate-only", action="store_true",
-                        help="re-score the predictions of an earlier run (its rows.json gives the times)")
     args = parser.parse_args()
     full = {"images": DRIVE / "images", "1st_manual": DRIVE / "1st_manual", "mask": DRIVE / "mask"}
-    few = subset(args.out, args.ddpm_cases.split(","))
+    few, one = subset(args.out / "subset", args.subset_cases.split(",")), subset(args.out / "ddpm",
+                                                                             args.ddpm_cases.split(","))
     plan = [("unet", args.unet, full, [])]
-    plan += [(f"dpmpp_2m_nfe{nfe}", args.diffusion, full, ["--steps", str(nfe)]) for nfe in (1, 5, 10, 20, 50)]
-    plan += [("dpmpp_2m_nfe10_ens5", args.diffusion, full, ["--steps", "10", "--ensemble", "5"]),
-             ("dpmpp_2m_sde_nfe10_ens5_staple", args.diffusion, full,
-              ["--sampler", "dpmpp_2m_sde", "--steps", "10", "--ensemble", "5", "--fusion", "staple"])]
-    if not args.skip_ddpm:
-        plan += [("subset_dpmpp_2m_nfe10", args.diffusion, few, ["--steps", "10"]),
-                 ("subset_ddpm_1000", args.diffusion, few, ["--sampler", "ddpm", "--steps", "1000", "--grid",
-                                                            "trailing"])]
-    earlier = {}
-    if args.evaluate_only:
-        earlier = {r["row"]: r["seconds"] for r in json.loads((args.out / "rows.json").read_text())}
-    rows = [run_row(name, ckpt, args.out, folders, infer_args, earlier.get(name) if args.evaluate_only else None)
-            for name, ckpt, folders, infer_args in plan]
+    plan += [(f"dpmpp_2m_nfe{nfe}", args.diffusion, full, ["--steps", str(nfe)]) for nfe in (1, 5, 10, 20)]
+    plan += [("subset_unet", args.unet, few, []),
+             ("subset_dpmpp_2m_nfe10", args.diffusion, few, ["--steps", "10"]),
+             ("subset_dpmpp_2m_nfe50", args.diffusion, few, ["--steps", "50"]),
+             ("subset_dpmpp_2m_nfe10_ens5", args.diffusion, few, ["--steps", "10", "--ensemble", "5"]),
+             ("subset_dpmpp_2m_sde_nfe10_ens5_staple", args.diffusion, few,
+              ["--sampler", "dpmpp_2m_sde", "--steps", "10", "--ensemble", "5", "--fusion", "staple"]),
+             ("ddpm_case_dpmpp_2m_nfe10", args.diffusion, one, ["--steps", "10"]),
+             ("ddpm_case_ddpm_1000", args.diffusion, one, ["--sampler", "ddpm", "--steps", "1000", "--grid",
+                                                          "trailing"])]
+    rows = [run_row(name, ckpt, args.out, folders, infer_args) for name, ckpt, folders, infer_args in plan]
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     print(f"\n| row | infer arguments | n | vessel Dice (mean ± std) | HD95 px | wall time | machine |")
     print("|---|---|---|---|---|---|---|")
