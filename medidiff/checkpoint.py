@@ -98,12 +98,19 @@ def export(module, data_hparams: dict[str, Any], path: str | os.PathLike, half: 
     them back to the module's float32 parameters, a relative change of about 1e-3 per weight).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MedidiffError(f"cannot create the output folder ({err.strerror})", path.parent) from None
     state = {k: v.half() if half and v.is_floating_point() else v for k, v in module.state_dict().items()
              if not k.startswith(SHARED_PREFIX)}
     content = {"state_dict": state, "hyper_parameters": dict(module.hparams),
                "datamodule_hyper_parameters": dict(data_hparams)}
     temporary = path.with_name(f".{path.name}.partial")
-    torch.save(content, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(content, temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # never leave half a checkpoint behind
+        raise
     return path

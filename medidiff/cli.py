@@ -13,20 +13,51 @@ from typing import Sequence
 from medidiff.errors import MedidiffError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# What DiffusionModule records in its hyperparameters beside its arguments (how to rebuild the network, which
+# task and class wrote the checkpoint): read by medidiff.checkpoint, never arguments themselves.
+BOOKKEEPING_HPARAMS = ("net_config", "task", "module")
 
 
 def run_lightning(argv: Sequence[str]) -> None:
     import warnings
-
-    from lightning.pytorch.cli import LightningCLI
 
     import lightning as L
 
     from medidiff.data.datamodule import MedicalDataModule
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    LightningCLI(L.LightningModule, MedicalDataModule, subclass_mode_model=True, args=list(argv),
+    _cli_class()(L.LightningModule, MedicalDataModule, subclass_mode_model=True, args=list(argv),
                  save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+
+
+def _cli_class():
+    """LightningCLI with a safe, medidiff-aware ``--ckpt_path`` (imported lazily: ``infer`` needs no Lightning)."""
+    from pathlib import Path
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from medidiff.checkpoint import read_checkpoint
+
+    class MedidiffCLI(LightningCLI):
+        def _parse_ckpt_path(self) -> None:
+            """Lightning feeds a checkpoint's hyperparameters back as model arguments before resuming. Load the
+            file through :func:`read_checkpoint` (weights only; a missing, foreign or code-carrying file is a
+            MedidiffError) and leave medidiff's bookkeeping entries out of the arguments."""
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):  # Lightning's own lookups
+                return super()._parse_ckpt_path()
+            hparams = dict(read_checkpoint(Path(ckpt_path))["hyper_parameters"])
+            for key in ("_instantiator", *BOOKKEEPING_HPARAMS):
+                hparams.pop(key, None)
+            if not hparams:
+                return None
+            if "_class_path" in hparams:
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+            return None
+
+    return MedidiffCLI
 
 
 def main(argv: Sequence[str] | None = None) -> int:

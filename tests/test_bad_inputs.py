@@ -192,6 +192,21 @@ def test_fit_unknown_config_key_names_the_key(tmp_path, capsys):
     assert_no_checkpoint(tmp_path)
 
 
+def test_fit_resume_from_a_missing_or_code_carrying_checkpoint(tmp_path, capsys):
+    argv = ["fit", "--config", str(CONFIG), "--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path"]
+    user_error(capsys, [*argv, str(tmp_path / "nope.ckpt")], "nope.ckpt", "checkpoint not found")
+
+    class Payload:
+        def __reduce__(self):
+            return (Path(tmp_path / "pwned").touch, ())
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.1}, "x": Payload()}, evil)
+    user_error(capsys, [*argv, str(evil)], "evil.ckpt", "refused to load")
+    assert not (tmp_path / "pwned").exists()
+    assert_no_checkpoint(tmp_path / "run")
+
+
 def test_debug_shows_the_traceback(tmp_path, capsys):
     card = write_card(tmp_path)
     with pytest.raises(MedidiffError, match="img.nii.gz does not exist"):
