@@ -103,12 +103,13 @@ def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise  # a bug in the reading code, not a corrupt file
     except Exception as err:  # noqa: BLE001 - nibabel, gzip, Pillow and ITK raise many types on corrupt bytes
         detail = (str(err).strip().splitlines() or [""])[0][:200]
-        raise MedidiffError(f"cannot be read, the file looks corrupt or truncated ({type(err).__name__}: {detail})",
-                            path) from err
+        raise MedidiffError(f"cannot be read, the file looks corrupt or truncated "
+                            f"({type(err).__name__}: {detail})", path) from err
     if array.dtype.kind not in "biuf":
         raise MedidiffError(f"has voxel type {array.dtype}; medidiff reads integer or floating-point images", path)
     if not np.isfinite(affine).all():
-        raise MedidiffError("has a non-finite voxel-to-world transform in its header (pixdim, qform or sform)", path)
+        raise MedidiffError("has a non-finite voxel-to-world transform in its header (pixdim, qform or sform)",
+                            path)
     return np.asarray(array), affine, extra
 
 
@@ -124,8 +125,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     size = path.stat().st_size
     compressed = path.name.lower().endswith(".gz")
     if claimed > size * (_MAX_DEFLATE_RATIO if compressed else 1):
-        raise MedidiffError(f"cannot be read, the file looks corrupt or truncated: its header claims {tuple(shape)} "
-                            f"voxels of {dtype} ({claimed} bytes) but the file holds {size} bytes"
+        raise MedidiffError(f"cannot be read, the file looks corrupt or truncated: its header claims "
+                            f"{tuple(shape)} voxels of {dtype} ({claimed} bytes) but the file holds {size} bytes"
                             f"{' compressed' if compressed else ''}", path)
     return np.asanyarray(img.dataobj), img.affine.astype(np.float64), {}
 
@@ -182,9 +183,11 @@ def _looks_like_dicom(path: Path) -> bool:
 def _refuse_unreadable_slices(folder: Path, in_series: set[str]) -> None:
     """A DICOM file GDCM could not parse is silently left out of the series, leaving a gap: refuse it."""
     for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and path.name not in in_series and _looks_like_dicom(path):
-            raise MedidiffError(f"is not a readable DICOM file (corrupt or truncated) but sits in the series folder "
-                                f"{folder}; the volume would miss this slice", path)
+        if path.name.startswith(".") or path.name in in_series or not path.is_file():
+            continue
+        if _looks_like_dicom(path):
+            raise MedidiffError(f"is not a readable DICOM file (corrupt or truncated) but sits in the series "
+                                f"folder {folder}; the volume would miss this slice", path)
 
 
 def _itk_readable(file: str) -> bool:
@@ -195,12 +198,14 @@ def _itk_readable(file: str) -> bool:
         return False
 
 
-def _check_slice_spacing(reader: sitk.ImageSeriesReader, files: list[str], image: sitk.Image, folder: Path) -> None:
+def _check_slice_spacing(reader: sitk.ImageSeriesReader, files: list[str], image: sitk.Image,
+                         folder: Path) -> None:
     """Slices must be evenly spaced along the slice normal, else one is missing (ITK would only warn)."""
     if len(files) < 3 or image.GetDimension() != 3:
         return
     try:
-        positions = [[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(len(files))]
+        positions = [[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")]
+                     for i in range(len(files))]
     except (RuntimeError, ValueError):
         return  # no usable ImagePositionPatient: nothing to check against
     normal = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3)[:, 2]
@@ -208,9 +213,9 @@ def _check_slice_spacing(reader: sitk.ImageSeriesReader, files: list[str], image
     usual = float(np.median(steps))
     worst = int(np.argmax(np.abs(steps - usual)))
     if abs(usual) < 1e-6 or abs(steps[worst] - usual) > 0.1 * abs(usual):
-        raise MedidiffError(f"DICOM slices are not evenly spaced: {abs(steps[worst]):.3g} mm between "
-                            f"{Path(files[worst]).name} and {Path(files[worst + 1]).name} where {abs(usual):.3g} mm "
-                            "is usual; a slice is missing or unreadable", folder)
+        first, second = Path(files[worst]).name, Path(files[worst + 1]).name
+        raise MedidiffError(f"DICOM slices are not evenly spaced: {abs(steps[worst]):.3g} mm between {first} and "
+                            f"{second} where {abs(usual):.3g} mm is usual; a slice is missing or unreadable", folder)
 
 
 def _read_itk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -266,9 +271,10 @@ def _checked_values(array: np.ndarray, path: Path, kind: str) -> np.ndarray:
 def _to_metatensor(array: np.ndarray, affine: np.ndarray, path: Path, extra: dict) -> MetaTensor:
     spatial_ndim = array.ndim - 1
     spacing = np.sqrt((affine[:spatial_ndim, :spatial_ndim] ** 2).sum(axis=0))
-    if not (spacing > 0).all() or abs(np.linalg.det(affine[:spatial_ndim, :spatial_ndim])) < 1e-12 * spacing.prod():
-        raise MedidiffError(f"has a degenerate voxel-to-world transform (voxel size {tuple(spacing.round(6))}, axes "
-                            "not independent); fix pixdim / qform / sform in the header", path)
+    volume = abs(np.linalg.det(affine[:spatial_ndim, :spatial_ndim]))
+    if not (spacing > 0).all() or volume < 1e-12 * spacing.prod():
+        raise MedidiffError(f"has a degenerate voxel-to-world transform (voxel size {tuple(spacing.round(6))}, "
+                            "axes not independent); fix pixdim / qform / sform in the header", path)
     pixdim = np.ones(8)
     pixdim[1 : 1 + spatial_ndim] = spacing
     meta = {
@@ -401,9 +407,10 @@ def check_pair(image: MetaTensor, label: MetaTensor, *, atol: float = 1e-3) -> N
                             f"{tuple(image.shape[1:])} ({other})", where)
     a, b = _reference_geometry(image)[0], _reference_geometry(label)[0]
     if not np.allclose(a, b, atol=atol):
-        raise MedidiffError(f"label affine differs from the image's ({other}) by up to {np.abs(a - b).max():.4g} mm; "
-                            f"they are not on the same grid (image origin {_fmt(a[:3, 3])}, voxel axes "
-                            f"{_fmt(a[:3, :3])}; label origin {_fmt(b[:3, 3])}, voxel axes {_fmt(b[:3, :3])})", where)
+        raise MedidiffError(f"label affine differs from the image's ({other}) by up to "
+                            f"{np.abs(a - b).max():.4g} mm; they are not on the same grid (image origin "
+                            f"{_fmt(a[:3, 3])}, voxel axes {_fmt(a[:3, :3])}; label origin {_fmt(b[:3, 3])}, "
+                            f"voxel axes {_fmt(b[:3, :3])})", where)
 
 
 def _fmt(values: np.ndarray) -> str:

@@ -166,7 +166,7 @@ def _load_or_refuse(path: Path, check_files: bool) -> None:
 
 def test_the_valid_card_loads(card_dir):
     path = card_dir / "valid.yaml"
-    path.write_text(yaml.safe_dump(valid_card()))
+    path.write_text(yaml.safe_dump(valid_card()), encoding="utf-8")
     assert_well_formed(load_card(path))
 
 
@@ -174,7 +174,7 @@ def test_the_valid_card_loads(card_dir):
 @given(raw=cards, check_files=st.booleans())
 def test_random_cards_load_or_raise_medidiff_error(card_dir, raw, check_files):
     path = card_dir / "fuzz.yaml"
-    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     _load_or_refuse(path, check_files)
 
 

@@ -299,11 +299,13 @@ def _spacing(raw: Any, dims: int, path: Path) -> tuple[float, ...] | None:
 
 
 def _orientation(raw: Any, path: Path) -> str:
-    """Three axis codes, one from each of L/R, A/P, S/I (MONAI/nibabel convention: the direction axes point to)."""
+    """Three axis codes, one from each of L/R, A/P, S/I (the nibabel/MONAI convention: where axes point to)."""
     text = raw if isinstance(raw, str) else ""
     pairs = [{"L", "R"}, {"A", "P"}, {"S", "I"}]
-    if len(text) != 3 or sorted(next((i for i, p in enumerate(pairs) if c in p), 9) for c in text) != [0, 1, 2]:
-        raise MedidiffError(f"orientation: expected three axis codes such as RAS or LPS, got {_show(raw)}", path)
+    axes = sorted(next((i for i, pair in enumerate(pairs) if c in pair), 9) for c in text)
+    if axes != [0, 1, 2]:
+        raise MedidiffError(f"orientation: expected three axis codes such as RAS or LPS, got {_show(raw)}",
+                            path)
     return text
 
 
@@ -382,7 +384,8 @@ def _split(name: str, raw: Any, root: Path, path: Path, strict: bool = True) -> 
         cases = [_case(case, i, root, path, f"{where}.cases[{i}]") for i, case in enumerate(raw["cases"])]
     else:
         pattern = _mapping(raw["pattern"], f"{where}.pattern", path)
-        pattern = {_key(k, f"{where}.pattern", path): _text(v, f"{where}.pattern.{k}", path) for k, v in pattern.items()}
+        pattern = {_key(k, f"{where}.pattern", path): _text(v, f"{where}.pattern.{k}", path)
+                   for k, v in pattern.items()}
         cases = _expand_pattern(pattern, raw.get("ids"), root, path, where, strict)
     if "take" in raw:
         start, stop = _range(raw["take"], f"{where}.take", path)
@@ -395,7 +398,8 @@ def _split(name: str, raw: Any, root: Path, path: Path, strict: bool = True) -> 
 
 def _case(raw: Any, index: int, root: Path, path: Path, where: str) -> dict[str, str]:
     if not isinstance(raw, dict) or not raw:
-        raise MedidiffError(f"{where}: expected a mapping such as {{id: ..., image: ...}}, got {_show(raw)}", path)
+        raise MedidiffError(f"{where}: expected a mapping such as {{id: ..., image: ...}}, got {_show(raw)}",
+                            path)
     files = {_key(k, where, path): _text(v, f"{where}.{k}", path) for k, v in raw.items() if k != "id"}
     if not files:
         raise MedidiffError(f"{where}: names no file", path)
