@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ def test_folders(dataset: str, root: Path, limit: int | None) -> tuple[Path, Pat
 
 def run_method(name: str, dirs: tuple[Path, Path], out: Path, **kwargs) -> dict:
     """Fuse all pairs with one method, evaluate, and return a table row."""
+    shutil.rmtree(out / name, ignore_errors=True)  # fusion_infer resumes; a rerun must not reuse old outputs
     start = time.perf_counter()
     fusion_infer(dirs[0], dirs[1], out / name, report=lambda message: None, **kwargs)
     seconds = time.perf_counter() - start
