@@ -373,8 +373,6 @@ def test_evaluate_empty_masks_are_scored_not_refused(seg_folders, tmp_path, caps
     assert row["dice_grey_matter"] == 0 and row["hd95_grey_matter"] is None  # inf is written as null
 
 
-@pytest.mark.xfail(strict=True, reason="medidiff/metrics/evaluate.py writes --out without checking it against the "
-                   "input files: the JSON replaces the reference mask (fix belongs in evaluate._run/_write_json)")
 def test_evaluate_output_equal_to_an_input(seg_folders, tmp_path, capsys):
     pred, ref = seg_folders
     before = (ref / "case1.nii.gz").read_bytes()
@@ -384,8 +382,6 @@ def test_evaluate_output_equal_to_an_input(seg_folders, tmp_path, capsys):
         assert (ref / "case1.nii.gz").read_bytes() == before
 
 
-@pytest.mark.xfail(strict=True, reason="medidiff/metrics/evaluate.py ignores prediction values outside the card's "
-                   "labels; it should refuse them as fit does (RemapLabelsd)")
 def test_evaluate_label_value_not_in_the_card(seg_folders, tmp_path, capsys):
     pred, ref = seg_folders
     save(pred / "case1.nii.gz", np.where(small_labels() == 2, 7, small_labels()))
@@ -393,8 +389,6 @@ def test_evaluate_label_value_not_in_the_card(seg_folders, tmp_path, capsys):
                "case1.nii.gz", "7", "not in the card")
 
 
-@pytest.mark.xfail(strict=True, reason="medidiff/metrics/evaluate.py scores an empty --region mask as all-NaN "
-                   "without a word; an empty region leaves nothing to evaluate and should be refused")
 def test_evaluate_empty_region_mask(seg_folders, tmp_path, capsys):
     pred, ref = seg_folders
     save(tmp_path / "region" / "case1.nii.gz", np.zeros((20, 18, 6), np.uint8))

@@ -133,8 +133,11 @@ def _run(
     complete: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> dict[str, Any]:
     """Pair, read, check geometry, score each case, complete the case rows, summarise, write."""
+    pairs = _pair(folders, suffixes)
+    if out_json is not None:
+        _refuse_replacing_an_input(Path(out_json), pairs)
     cases = []
-    for name, paths in _pair(folders, suffixes):
+    for name, paths in pairs:
         images = {role: read(paths[role], kind=kinds[role]) for role in paths}
         _check_geometry(images, paths)
         first = next(iter(paths))
@@ -149,6 +152,14 @@ def _run(
     if out_json is not None:
         _write_json(result, Path(out_json))
     return result
+
+
+def _refuse_replacing_an_input(out_json: Path, pairs: list[tuple[str, dict[str, Path]]]) -> None:
+    target = out_json.resolve()
+    for _, paths in pairs:
+        for path in paths.values():
+            if path.resolve() == target:
+                raise MedidiffError("the metrics file would replace an input file; choose another --out", out_json)
 
 
 def _summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -227,8 +238,14 @@ def evaluate_segmentation(
     def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
         pred, ref = _single_channel(images, paths, "pred"), _single_channel(images, paths, "ref")
         region = _single_channel(images, paths, "region") > 0 if "region" in images else None
+        if region is not None and not region.any():
+            raise ValueError("the region mask is empty: there is nothing to evaluate inside it")
         if label_remap:
             pred, ref = _remap(pred, label_remap), _remap(ref, label_remap)
+        if labels is not None:
+            unknown = sorted(set(np.unique(pred).tolist()) - {0} - set(labels.values()))
+            if unknown:
+                raise ValueError(f"the prediction holds label value(s) {unknown} not in the card's labels {labels}")
         present = labels if labels is not None else sorted((set(np.unique(pred)) | set(np.unique(ref))) - {0})
         return segmentation_metrics(pred, ref, present, spacing=images["ref"].meta["spacing"], region=region)
 
