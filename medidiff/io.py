@@ -55,8 +55,10 @@ def read(
         ``MetaTensor`` ``(C, *spatial)`` with the metadata listed in the module docstring.
 
     Raises:
-        MedidiffError: missing/unreadable file, empty DICOM folder, NaN/Inf voxels, wrong dimensionality
-            or channel count, non-integer label values.
+        MedidiffError: missing, unreadable or truncated file (any decoder error), a header claiming more
+            data than the file holds, a DICOM series with an unreadable or missing slice, non-numeric voxel
+            types, no voxels, NaN/Inf voxels or affine, a degenerate affine, wrong dimensionality or channel
+            count, non-integer label values.
     """
     path = Path(path)
     if not path.exists():
