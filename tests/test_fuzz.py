@@ -132,6 +132,7 @@ def assert_well_formed(card: DataCard) -> None:
     assert card.inputs
     for spec in card.inputs.values():
         assert spec.channels and all(isinstance(c, str) for c in spec.channels)
+        assert len(set(spec.channels)) == len(spec.channels) and len(set(spec.use)) == len(spec.use)
         assert spec.use and set(spec.use) <= set(spec.channels)
         assert spec.normalise["method"] in ("window", "percentile")
         bounds = ("low", "high") if spec.normalise["method"] == "window" else ("lower", "upper")

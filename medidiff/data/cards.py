@@ -324,6 +324,9 @@ def _input_spec(key: str, raw: Any, path: Path) -> InputSpec:
         raise MedidiffError(f"inputs.{key}.normalise: need {rule}, got {low} and {high}", path)
     channels = _texts(raw["channels"], f"inputs.{key}.channels", path)
     use = _texts(raw.get("use", list(channels)), f"inputs.{key}.use", path)
+    for name, names in (("channels", channels), ("use", use)):
+        if not names or len(set(names)) != len(names):
+            raise MedidiffError(f"inputs.{key}.{name}: expected distinct channel names, got {list(names)}", path)
     for name in use:
         if name not in channels:
             raise MedidiffError(f"inputs.{key}.use: channel '{name}' is not one of {list(channels)}", path)
