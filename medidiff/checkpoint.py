@@ -34,22 +34,31 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
                             f"and loading them could run code ({str(err).splitlines()[0][:200]})", path) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise MedidiffError(f"is not a readable checkpoint ({str(err).splitlines()[0][:200]})", path) from None
-    if not isinstance(content, dict) or "state_dict" not in content or "hyper_parameters" not in content:
+    if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict) \
+            or not isinstance(content.get("hyper_parameters"), dict):
         raise MedidiffError("is not a medidiff checkpoint (no state_dict / hyper_parameters)", path)
     return content
 
 
 def build_network(config: dict[str, Any], path: str | os.PathLike) -> torch.nn.Module:
     """Instantiate ``{"class_path", "init_args"}`` if the class lives in an allowed module."""
+    config = config if isinstance(config, dict) else {}
     class_path = str(config.get("class_path", ""))
     module_name, _, class_name = class_path.rpartition(".")
     if not any(module_name == m or module_name.startswith(m + ".") for m in ALLOWED_NETWORK_MODULES):
         raise MedidiffError(f"refused network class '{class_path}': only classes from "
                             f"{', '.join(ALLOWED_NETWORK_MODULES)} are built from checkpoints", path)
-    cls = getattr(importlib.import_module(module_name), class_name, None)
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name, None)
+    except ImportError:
+        cls = None
     if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
         raise MedidiffError(f"network class '{class_path}' does not exist", path)
-    return cls(**config.get("init_args", {}))
+    init_args = config.get("init_args", {})
+    try:
+        return cls(**init_args)
+    except (TypeError, ValueError, AssertionError) as err:
+        raise MedidiffError(f"network settings do not fit {class_path} ({str(err)[:300]})", path) from None
 
 
 def load_module(path: str | os.PathLike, *, task: str | None = None, spatial_dims: int | None = None):
@@ -78,7 +87,11 @@ def load_module(path: str | os.PathLike, *, task: str | None = None, spatial_dim
     if spatial_dims is not None and getattr(net, "spatial_dims", spatial_dims) != spatial_dims:
         raise MedidiffError(f"holds a {net.spatial_dims}D network but the input is {spatial_dims}D", path)
     options = {k: v for k, v in hparams.items() if not k.startswith("_")}
-    module = MODULES[module_name](net=net, **options)
+    try:
+        module = MODULES[module_name](net=net, **options)
+    except (TypeError, ValueError) as err:  # a setting this version does not know, or a bad value
+        raise MedidiffError(f"settings do not fit {module_name} in this medidiff version ({str(err)[:300]})",
+                            path) from None
     try:
         missing, unexpected = module.load_state_dict(content["state_dict"], strict=False)
     except RuntimeError as err:

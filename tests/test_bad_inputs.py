@@ -291,6 +291,26 @@ def test_infer_refuses_a_checkpoint_of_another_task(tiny_3d_checkpoint, tmp_path
     assert_nothing_written(tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    ("edit", "fragments"),
+    [
+        (lambda hp: hp.update(warp_speed=9), ["settings do not fit SegmentationDiffusion", "warp_speed"]),
+        (lambda hp: hp["net_config"].update(class_path="os.system"), ["refused network class 'os.system'"]),
+        (lambda hp: hp["net_config"]["init_args"].update(channels="many"), ["network settings do not fit"]),
+    ],
+    ids=["unknown setting", "network outside the allow-list", "bad network settings"],
+)
+def test_infer_refuses_a_checkpoint_with_foreign_settings(tiny_3d_checkpoint, tmp_path, capsys, edit, fragments):
+    from medidiff.checkpoint import read_checkpoint
+
+    content = read_checkpoint(tiny_3d_checkpoint)
+    edit(content["hyper_parameters"])
+    edited = tmp_path / "edited.ckpt"
+    torch.save(content, edited)
+    user_error(capsys, infer_argv(edited, SAMPLE_T1, tmp_path / "out"), "edited.ckpt", *fragments)
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_infer_output_is_an_existing_file_or_below_one(tiny_seg_checkpoint, tmp_path, capsys):
     existing = tmp_path / "results.txt"
     existing.write_text("keep me")
