@@ -85,6 +85,7 @@ def _infer(args: argparse.Namespace) -> None:
     from medidiff.checkpoint import load_module
     from medidiff.inference import SamplingOptions, infer
 
+    _check_sampling_options(args)
     if args.task == "fusion":
         from medidiff.fusion_infer import infer_command
 
@@ -114,6 +115,26 @@ def _infer(args: argparse.Namespace) -> None:
         written = infer(module, data_hparams, args.input, args.output, options, args.ckpt,
                         report=bars.console.print, progress_factory=progress_factory)
     print(f"wrote {len(written)} files to {args.output}")
+
+
+def _check_sampling_options(args: argparse.Namespace) -> None:
+    """Refuse bad sampling options before any model is loaded or file written."""
+    import torch
+
+    from medidiff.core import SAMPLERS
+
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise MedidiffError(f"--sampler {args.sampler!r} is unknown; choose one of {', '.join(sorted(SAMPLERS))}")
+    for option in ("steps", "ensemble"):
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise MedidiffError(f"--{option} must be at least 1, got {value}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise MedidiffError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MedidiffError(f"--device {args.device}: CUDA is not available on this machine")
 
 
 def _evaluate(args: argparse.Namespace) -> None:

@@ -331,9 +331,6 @@ def test_infer_output_equal_to_an_input(tiny_seg_checkpoint, tmp_path, capsys):
     assert scan.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["scan.nii.gz"]
 
 
-@pytest.mark.xfail(strict=True, reason="medidiff/commands.py passes --sampler/--steps/--device unchecked: "
-                   "ValueError/RuntimeError tracebacks (choices=sorted(SAMPLERS), a positive-int type and a "
-                   "device check raising MedidiffError would fix it)", raises=(ValueError, RuntimeError))
 @pytest.mark.parametrize(("option", "value"), [("--sampler", "eulr"), ("--steps", "-3"), ("--device", "nonsense:0")])
 def test_infer_bad_sampling_options(tiny_seg_checkpoint, tmp_path, capsys, option, value):
     user_error(capsys, [*infer_argv(tiny_seg_checkpoint, SAMPLE_T1, tmp_path / "out"), option, value], value)
