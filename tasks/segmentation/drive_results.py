@@ -83,8 +83,9 @@ def main() -> None:
     print(f"\n| row | infer arguments | n | vessel Dice (mean ± std) | HD95 px | wall time | machine |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['row']} | `{r['args'] or '(checkpoint defaults)'}` | {r['n']} | {r['dice']:.3f} ± "
-              f"{r['dice_std']:.3f} | {r['hd95']:.1f} | {r['seconds']:.0f} s | {machine} |")
+        spread = "" if r["dice_std"] is None or r["dice_std"] != r["dice_std"] else f" ± {r['dice_std']:.3f}"
+        print(f"| {r['row']} | `{r['args'] or '(checkpoint defaults)'}` | {r['n']} | {r['dice']:.3f}{spread} | "
+              f"{r['hd95']:.1f} | {r['seconds']:.0f} s | {machine} |")
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
 
 
