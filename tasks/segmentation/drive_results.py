@@ -87,6 +87,29 @@ def main() -> None:
         print(f"| {r['row']} | `{r['args'] or '(checkpoint defaults)'}` | {r['n']} | {r['dice']:.3f}{spread} | "
               f"{r['hd95']:.1f} | {r['seconds']:.0f} s | {machine} |")
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
+    plot_dice_vs_nfe(rows, Path(__file__).with_name("drive_dice_vs_nfe.png"))
+
+
+def plot_dice_vs_nfe(rows: list[dict], path: Path) -> None:
+    """Vessel Dice of the single-sample diffusion rows against NFE, with the UNet as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = sorted((int(r["args"].split()[-1]), r["dice"]) for r in rows
+                    if r["row"].startswith("dpmpp_2m_nfe") and r["n"] == 20)
+    unet = next(r["dice"] for r in rows if r["row"] == "unet")
+    fig, ax = plt.subplots(figsize=(4.2, 3))
+    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="diffusion, dpmpp_2m")
+    ax.axhline(unet, color="gray", linestyle="--", label="UNet, same 900 steps")
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE (network evaluations)")
+    ax.set_ylabel("vessel Dice, DRIVE test (20)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
