@@ -167,12 +167,19 @@ def write_case(outputs: dict[str, np.ndarray], reference: dict[str, Any], pipeli
             image = restored[0].numpy().astype(np.float32)
             value_range = {"seg": (0.0, float(max(image.max(), 1))), "prob": (0.0, 1.0)}.get(name)
             written.append(io.write_png(image, output / "png" / f"{case}_{name}.png", value_range=value_range))
-    info_path = output / "provenance" / f"{case}.json"
-    info_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = info_path.with_name(f".{info_path.name}.partial")
-    temporary.write_text(json.dumps(info, indent=1))
-    os.replace(temporary, info_path)
-    return written + [info_path]
+    return written + [write_provenance(output / "provenance" / f"{case}.json", info)]
+
+
+def write_provenance(path: Path, info: dict) -> Path:
+    """Write a case's provenance JSON atomically; written last, its presence marks a complete case."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        temporary.write_text(json.dumps(info, indent=1))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
 
 
 def infer(module, data_hparams: dict, input_path: str | os.PathLike, output: str | os.PathLike,

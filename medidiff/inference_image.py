@@ -21,7 +21,7 @@ from medidiff.core.guidance import DownsampleConsistency, KSpaceConsistency
 from medidiff.core.operators import to_kspace
 from medidiff.data.cards import load_card
 from medidiff.errors import MedidiffError
-from medidiff.inference import SamplingOptions, check_output_dir, list_inputs, provenance
+from medidiff.inference import SamplingOptions, check_output_dir, list_inputs, provenance, write_provenance
 from medidiff.metrics.evaluate import case_name
 from medidiff.sliding import SlidingWindowDenoiser
 
@@ -114,7 +114,7 @@ def infer_image(module, data_hparams: dict, input_path, output, options: Samplin
         info = provenance(options, checkpoint, time.perf_counter() - start,
                           {"case": case, "input": str(source), "intensity_range": [low, high],
                            "mask": None if mask_path is None else str(mask_path)})
-        written.append(_write_json(output / "provenance" / f"{case}.json", info))
+        written.append(write_provenance(output / "provenance" / f"{case}.json", info))
         report(f"{case}: done in {info['seconds']:.1f} s")
     return written
 
@@ -122,13 +122,3 @@ def infer_image(module, data_hparams: dict, input_path, output, options: Samplin
 def _finer(scan, module) -> tuple[float, ...]:
     spacing = [float(s) for s in scan.meta["spacing"]]
     return tuple(s / int(f) for s, f in zip(spacing, module.hparams.factors))
-
-
-def _write_json(path: Path, info: dict) -> Path:
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.partial")
-    temporary.write_text(json.dumps(info, indent=1))
-    os.replace(temporary, path)
-    return path
