@@ -91,6 +91,9 @@ def infer_image(module, data_hparams: dict, input_path, output, options: Samplin
     check_output_dir(output, inputs)
     spec = load_card(data_hparams["card"], check_files=False).inputs["image"]
     mask = None if mask_path is None else io.read(mask_path)[0].float()
+    if mask is not None and not bool((mask > 0).any()):
+        raise MedidiffError("the k-space mask samples nothing (all zeros); expected 1 where k-space was measured",
+                            mask_path)
     written = []
     for source in inputs:
         case = case_name(source.name) or source.name
