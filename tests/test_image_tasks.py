@@ -54,3 +54,20 @@ def test_psnr_metric_of_a_perfect_prediction_is_high_and_of_noise_low():
     good = module.sample_metrics(image[None], {"image": image})["psnr"]
     bad = module.sample_metrics(torch.rand((1, *image.shape)), {"image": image})["psnr"]
     assert good > 60 and bad < 15
+
+
+def test_restoration_infer_refuses_an_all_zero_mask_and_writes_nothing(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from medidiff.cli import main
+    from medidiff.demo import SAMPLES, WEIGHTS
+
+    mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((73, 90), np.uint8), np.eye(4)), mask)
+    out = tmp_path / "out"
+    code = main(["infer", "--task", "restoration", "--ckpt", str(WEIGHTS / "restoration_mni_2d.ckpt"), "--input",
+                 str(SAMPLES / "mni152" / "t1_2mm.nii.gz"), "--mask", str(mask), "--output", str(out)])
+    assert code == 2
+    assert "samples nothing" in capsys.readouterr().err
+    assert not any(p.is_file() for p in out.rglob("*"))
