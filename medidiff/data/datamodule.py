@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
-from monai.transforms import Compose
+from monai.transforms import DeleteItemsd, Compose
 from torch.utils.data import ConcatDataset
 
 from medidiff.data import transforms as T
@@ -174,6 +174,8 @@ class MedicalDataModule(LightningDataModule):
         data = [{"id": f"{c['id']}/{key}", "image": c[key]} for c in cases]
         pre = T.preprocess(self.card, inputs={"image": self.card.inputs[key]}, with_labels=False,
                            slices=slices, luma=True)
+        # the prior trains on luma only; dropping the colour source's chroma lets MRI and PET items share a batch
+        pre.append(DeleteItemsd(["image_chroma"]))
         return self._build(split, data, pre, ["image"], ["image"], [])
 
     def _build(self, split: str, data: list[dict], pre: list, spatial_keys: list[str], image_keys: list[str],
