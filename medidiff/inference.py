@@ -182,18 +182,26 @@ def write_provenance(path: Path, info: dict) -> Path:
     return path
 
 
-def infer(module, data_hparams: dict, input_path: str | os.PathLike, output: str | os.PathLike,
-          options: SamplingOptions, checkpoint: Path, report: Callable[[str], None] = print,
-          progress_factory: Callable[[str], Callable] | None = None) -> list[Path]:
-    """Run a segmentation checkpoint over a file or folder; returns the files written."""
-    inputs, output = list_inputs(input_path), Path(output)
+def pending_cases(input_path: str | os.PathLike, output: Path, report: Callable[[str], None]):
+    """Check the inputs and the output folder, then yield ``(source, case)`` for every case not yet complete
+    (a case is complete once its provenance JSON exists), so that an interrupted run resumes."""
+    inputs = list_inputs(input_path)
     check_output_dir(output, inputs)
-    written: list[Path] = []
     for source in inputs:
         case = case_name(source.name) or source.name
         if (output / "provenance" / f"{case}.json").exists():
             report(f"{case}: outputs exist, skipped")
             continue
+        yield source, case
+
+
+def infer(module, data_hparams: dict, input_path: str | os.PathLike, output: str | os.PathLike,
+          options: SamplingOptions, checkpoint: Path, report: Callable[[str], None] = print,
+          progress_factory: Callable[[str], Callable] | None = None) -> list[Path]:
+    """Run a segmentation checkpoint over a file or folder; returns the files written."""
+    output = Path(output)
+    written: list[Path] = []
+    for source, case in pending_cases(input_path, output, report):
         start = time.perf_counter()
         reference, pipeline = preprocess_case(data_hparams["card"], source)
         progress = progress_factory(case) if progress_factory else None

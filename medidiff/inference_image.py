@@ -21,8 +21,7 @@ from medidiff.core.guidance import DownsampleConsistency, KSpaceConsistency
 from medidiff.core.operators import to_kspace
 from medidiff.data.cards import load_card
 from medidiff.errors import MedidiffError
-from medidiff.inference import SamplingOptions, check_output_dir, list_inputs, provenance, write_provenance
-from medidiff.metrics.evaluate import case_name
+from medidiff.inference import SamplingOptions, pending_cases, provenance, write_provenance
 from medidiff.sliding import SlidingWindowDenoiser
 
 
@@ -87,19 +86,14 @@ def super_resolve(module, lowres: torch.Tensor, options: SamplingOptions, patch_
 def infer_image(module, data_hparams: dict, input_path, output, options: SamplingOptions, checkpoint: Path,
                 mask_path: str | os.PathLike | None = None, report: Callable[[str], None] = print) -> list[Path]:
     """Run a restoration or super-resolution checkpoint over a file or folder; returns the files written."""
-    inputs, output = list_inputs(input_path), Path(output)
-    check_output_dir(output, inputs)
+    output = Path(output)
     spec = load_card(data_hparams["card"], check_files=False).inputs["image"]
     mask = None if mask_path is None else io.read(mask_path)[0].float()
     if mask is not None and not bool((mask > 0).any()):
         raise MedidiffError("the k-space mask samples nothing (all zeros); expected 1 where k-space was measured",
                             mask_path)
     written = []
-    for source in inputs:
-        case = case_name(source.name) or source.name
-        if (output / "provenance" / f"{case}.json").exists():
-            report(f"{case}: outputs exist, skipped")
-            continue
+    for source, case in pending_cases(input_path, output, report):
         start = time.perf_counter()
         scan = io.read(source, channels=len(spec.channels))
         image, (low, high) = normalise(scan.as_tensor()[spec.use_indices] if spec.use != spec.channels
