@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Sequence
 
 import lightning as L
 import torch
@@ -25,7 +25,15 @@ from medidiff.core.schedules import BetaScheduleName
 from medidiff.errors import MedidiffError
 
 
-class DiffusionModule(L.LightningModule):
+class PlainTrainingBatches:
+    """Mixin for LightningModules: training and validation batches arrive as plain tensors (see
+    :func:`plain_tensors`); prediction batches keep their metadata."""
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return plain_tensors(batch) if self._trainer is not None and not self.trainer.predicting else batch
+
+
+class DiffusionModule(PlainTrainingBatches, L.LightningModule):
     """A conditional DDPM: ``p(target | condition)`` with the condition concatenated to the network input.
 
     Args:
@@ -113,9 +121,6 @@ class DiffusionModule(L.LightningModule):
         return {}
 
     # ------------------------------------------------------------------------------------ training
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return plain_tensors(batch) if self._trainer is not None and not self.trainer.predicting else batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         loss = self._loss(batch, "train")
@@ -213,10 +218,10 @@ class DiffusionModule(L.LightningModule):
         batch, *spatial = shape if cond is None else (cond.shape[0], *cond.shape[2:])
         channels = channels or self.net.in_channels
         generator = torch.Generator(self.device).manual_seed(hp.seed if seed is None else seed)
-        template = torch.zeros((batch * members, 1, *spatial), device=self.device)
-        padded_template, pad = pad_to_multiple(template, self.size_multiple)
+        pad = spatial_padding(spatial, self.size_multiple)
+        padded = [size + pad[2 * i] + pad[2 * i + 1] for i, size in enumerate(reversed(spatial))][::-1]
         sigmas = self.denoiser.get_sigmas(steps or hp.steps, grid or hp.grid)
-        x = torch.randn((batch * members, channels, *padded_template.shape[2:]), generator=generator,
+        x = torch.randn((batch * members, channels, *padded), generator=generator,
                         device=self.device) * sigmas[0].to(self.device)
         base = denoiser or self.denoiser
         if cond is not None:
@@ -274,12 +279,18 @@ def net_config(net: nn.Module) -> dict[str, Any]:
     return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(getattr(net, "config", {}))}
 
 
-def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, list[int]]:
-    """Replicate-pad the spatial axes of ``(B, C, *spatial)`` up to multiples of ``multiple``."""
+def spatial_padding(spatial: Sequence[int], multiple: int) -> list[int]:
+    """``F.pad`` amounts (last axis first, before/after) that bring each size up to a multiple of ``multiple``."""
     pad: list[int] = []
-    for size in reversed(x.shape[2:]):
+    for size in reversed(spatial):
         extra = (-size) % multiple
         pad += [extra // 2, extra - extra // 2]
+    return pad
+
+
+def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, list[int]]:
+    """Replicate-pad the spatial axes of ``(B, C, *spatial)`` up to multiples of ``multiple``."""
+    pad = spatial_padding(x.shape[2:], multiple)
     if not any(pad):
         return x, pad
     return F.pad(x, pad, mode="replicate"), pad

@@ -15,11 +15,11 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
-from medidiff.lit.base import net_config, plain_tensors
+from medidiff.lit.base import PlainTrainingBatches, net_config
 from medidiff.lit.segmentation import SegmentationOutputs
 
 
-class UNetSegmenter(SegmentationOutputs, L.LightningModule):
+class UNetSegmenter(SegmentationOutputs, PlainTrainingBatches, L.LightningModule):
     """Supervised segmentation with a plain network predicting class logits.
 
     Args:
@@ -41,9 +41,6 @@ class UNetSegmenter(SegmentationOutputs, L.LightningModule):
         self.hparams["module"] = type(self).__name__
         self.net = net
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return plain_tensors(batch) if self._trainer is not None and not self.trainer.predicting else batch
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(self.net(batch["image"].float()), batch["label"])
