@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     infer.add_argument("--mask", type=Path, default=None,
                        help="restoration: k-space sampling mask (NIfTI/PNG, 0/1 over the last two axes) of the input")
+    infer.add_argument("--no-consistency", action="store_true",
+                       help="restoration, superres: skip the data-consistency step (to measure what it adds)")
 
     evaluate = sub.add_parser("evaluate", help="score predictions against references, file to file")
     evaluate.add_argument("--task", choices=TASK_NAMES, required=True)
@@ -101,6 +103,9 @@ def _infer(args: argparse.Namespace) -> None:
                               seed=args.seed, fusion=args.fusion)
     if args.task in ("restoration", "superres"):
         from medidiff.inference_image import infer_image
+
+        if args.no_consistency:
+            module.hparams.consistency = False
 
         written = infer_image(module, data_hparams, args.input, args.output, options, args.ckpt, mask_path=args.mask)
         print(f"wrote {len(written)} files to {args.output}")

@@ -22,7 +22,6 @@ from medidiff.core.operators import to_kspace
 from medidiff.data.cards import load_card
 from medidiff.errors import MedidiffError
 from medidiff.inference import SamplingOptions, pending_cases, provenance, write_provenance
-from medidiff.sliding import SlidingWindowDenoiser
 
 
 def normalise(image: torch.Tensor, spec: dict) -> tuple[torch.Tensor, tuple[float, float]]:
@@ -62,8 +61,7 @@ def _restore_batch(module, images: torch.Tensor, options: SamplingOptions, mask:
     if mask is not None and module.hparams.get("consistency", True):
         measured = to_kspace(cond, 2) * mask
         hook = KSpaceConsistency(measured, mask, module.hparams.get("consistency_weight", 1.0), dims=2)
-    samples = module.sample(cond, hook=hook, **_sampling(options))
-    return module.decode(samples).mean(0)
+    return module.estimate(cond, hook=hook, **_sampling(options))
 
 
 def super_resolve(module, lowres: torch.Tensor, options: SamplingOptions, patch_size=None) -> torch.Tensor:
@@ -76,11 +74,7 @@ def super_resolve(module, lowres: torch.Tensor, options: SamplingOptions, patch_
     hook = None
     if module.hparams.get("consistency", True):
         hook = DownsampleConsistency(lowres[None].float() * 2 - 1, factors, module.hparams.consistency_weight)
-    denoiser = None
-    if patch_size and any(s > p for s, p in zip(cond.shape[2:], patch_size)):
-        denoiser = SlidingWindowDenoiser(module.denoiser, patch_size)
-    samples = module.sample(cond, hook=hook, denoiser=denoiser, **_sampling(options))
-    return module.decode(samples).mean(0)[0]
+    return module.estimate(cond, hook=hook, patch_size=patch_size, **_sampling(options))[0]
 
 
 def infer_image(module, data_hparams: dict, input_path, output, options: SamplingOptions, checkpoint: Path,
@@ -110,7 +104,8 @@ def infer_image(module, data_hparams: dict, input_path, output, options: Samplin
                                 spacing=spacing))
         info = provenance(options, checkpoint, time.perf_counter() - start,
                           {"case": case, "input": str(source), "intensity_range": [low, high],
-                           "mask": None if mask_path is None else str(mask_path)})
+                           "mask": None if mask_path is None else str(mask_path),
+                           "consistency": bool(module.hparams.get("consistency", True))})
         written.append(write_provenance(output / "provenance" / f"{case}.json", info))
         report(f"{case}: done in {info['seconds']:.1f} s")
     return written

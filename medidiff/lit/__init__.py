@@ -4,11 +4,12 @@ from medidiff.lit.base import DiffusionModule
 from medidiff.lit.baseline import UNetSegmenter
 from medidiff.lit.fusion import FusionDiffusion
 from medidiff.lit.image import RestorationDiffusion, SuperResDiffusion
+from medidiff.lit.regression import RestorationUNet, SuperResUNet
 from medidiff.lit.segmentation import SegmentationDiffusion
 
 # The modules a checkpoint may name: loading never imports a class from a name stored in a file.
 MODULES = {cls.__name__: cls for cls in (SegmentationDiffusion, UNetSegmenter, RestorationDiffusion,
-                                         SuperResDiffusion, FusionDiffusion)}
+                                         SuperResDiffusion, FusionDiffusion, RestorationUNet, SuperResUNet)}
 
-__all__ = ["MODULES", "DiffusionModule", "FusionDiffusion", "RestorationDiffusion", "SegmentationDiffusion",
-           "SuperResDiffusion", "UNetSegmenter"]
+__all__ = ["MODULES", "DiffusionModule", "FusionDiffusion", "RestorationDiffusion", "RestorationUNet",
+           "SegmentationDiffusion", "SuperResDiffusion", "SuperResUNet", "UNetSegmenter"]

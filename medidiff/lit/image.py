@@ -9,15 +9,57 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor
 
 from medidiff.core.guidance import DownsampleConsistency, Hook, KSpaceConsistency
 from medidiff.core.operators import to_kspace
 from medidiff.lit.base import DiffusionModule
+from medidiff.sliding import SlidingWindowDenoiser
 
 
-class ImageDiffusion(DiffusionModule):
-    """Shared by restoration and super-resolution: images in ``[0, 1]`` are diffused in ``[-1, 1]``.
+class ImageConventions:
+    """Batch conventions of the image tasks, shared by the diffusion modules and the regression baselines:
+    images in ``[0, 1]`` are modelled in ``[-1, 1]``; the degraded image is the condition."""
+
+    def condition(self, batch: dict[str, Any]) -> Tensor:
+        return batch["condition"].float() * 2 - 1
+
+    def decode(self, samples: Tensor) -> Tensor:
+        return ((samples + 1) / 2).clamp(0, 1)
+
+    def sample_metrics(self, prediction: Tensor, batch: dict[str, Any]) -> dict[str, float]:
+        error = (prediction.mean(0) - batch["image"].float()).pow(2).flatten(1).mean(1)
+        return {"psnr": float((-10 * error.clamp(min=1e-10).log10()).mean())}
+
+
+class KSpaceMeasurement:
+    """Restoration's data consistency: with a ``kspace_mask`` in the batch, the estimate is projected onto the
+    measured k-space (needs ``hparams.consistency`` / ``consistency_weight`` and :class:`ImageConventions`)."""
+
+    def measurement_hook(self, batch: dict[str, Any]) -> Hook | None:
+        mask = batch.get("kspace_mask")
+        if mask is None or not self.hparams.consistency:
+            return None
+        dims = mask.ndim - 2
+        # the zero-filled condition is the inverse FFT of the measurement, so its k-space *is* the measurement
+        measured = to_kspace(self.condition(batch), dims) * mask
+        return KSpaceConsistency(measured, mask, self.hparams.consistency_weight, dims)
+
+
+class LowResMeasurement:
+    """Super-resolution's data consistency: with ``low_res`` in the batch, ``downsample(estimate)`` is held
+    equal to it (needs ``hparams.factors``, ``consistency`` and ``consistency_weight``)."""
+
+    def measurement_hook(self, batch: dict[str, Any]) -> Hook | None:
+        lowres = batch.get("low_res")
+        if lowres is None or not self.hparams.consistency or not self.hparams.factors:
+            return None
+        return DownsampleConsistency(lowres.float() * 2 - 1, self.hparams.factors, self.hparams.consistency_weight)
+
+
+class ImageDiffusion(ImageConventions, DiffusionModule):
+    """Shared by restoration and super-resolution diffusion.
 
     Args:
         consistency: apply the task's data-consistency hook when the batch carries the measurement.
@@ -32,33 +74,24 @@ class ImageDiffusion(DiffusionModule):
     def target_and_condition(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         return batch["image"].float() * 2 - 1, self.condition(batch)
 
-    def condition(self, batch: dict[str, Any]) -> Tensor:
-        return batch["condition"].float() * 2 - 1
+    @torch.no_grad()
+    def estimate(self, cond: Tensor, hook: Hook | None = None, patch_size: Sequence[int] | None = None,
+                 **sampling: Any) -> Tensor:
+        """The ensemble-mean restored images ``(B, C, *spatial)`` in ``[0, 1]``; inputs larger than
+        ``patch_size`` are denoised in sliding windows at every step."""
+        denoiser = None
+        if patch_size and any(s > p for s, p in zip(cond.shape[2:], patch_size)):
+            denoiser = SlidingWindowDenoiser(self.denoiser, patch_size)
+        return self.decode(self.sample(cond, hook=hook, denoiser=denoiser, **sampling)).mean(0)
 
-    def decode(self, samples: Tensor) -> Tensor:
-        return ((samples + 1) / 2).clamp(0, 1)
 
-    def sample_metrics(self, prediction: Tensor, batch: dict[str, Any]) -> dict[str, float]:
-        error = (prediction.mean(0) - batch["image"].float()).pow(2).flatten(1).mean(1)
-        return {"psnr": float((-10 * error.clamp(min=1e-10).log10()).mean())}
-
-
-class RestorationDiffusion(ImageDiffusion):
+class RestorationDiffusion(KSpaceMeasurement, ImageDiffusion):
     """Restoration; with a ``kspace_mask`` in the batch, every step is made consistent with the measured k-space."""
 
     task = "restoration"
 
-    def measurement_hook(self, batch: dict[str, Any]) -> Hook | None:
-        mask = batch.get("kspace_mask")
-        if mask is None or not self.hparams.consistency:
-            return None
-        dims = mask.ndim - 2
-        # the zero-filled condition is the inverse FFT of the measurement, so its k-space *is* the measurement
-        measured = to_kspace(self.condition(batch), dims) * mask
-        return KSpaceConsistency(measured, mask, self.hparams.consistency_weight, dims)
 
-
-class SuperResDiffusion(ImageDiffusion):
+class SuperResDiffusion(LowResMeasurement, ImageDiffusion):
     """Super-resolution; with ``low_res`` in the batch, ``downsample(estimate)`` is held equal to it.
 
     Args:
@@ -71,9 +104,3 @@ class SuperResDiffusion(ImageDiffusion):
     def __init__(self, factors: Sequence[int] | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.save_hyperparameters("factors")
-
-    def measurement_hook(self, batch: dict[str, Any]) -> Hook | None:
-        lowres = batch.get("low_res")
-        if lowres is None or not self.hparams.consistency or not self.hparams.factors:
-            return None
-        return DownsampleConsistency(lowres.float() * 2 - 1, self.hparams.factors, self.hparams.consistency_weight)

@@ -1,0 +1,68 @@
+"""Results tables from the command line's own paths: every row is ``medidiff infer`` + ``medidiff evaluate``.
+
+Used by the ``tasks/*/results.py`` scripts, so a table in a task README is produced by exactly the commands a
+user runs. A row whose predictions are complete is not inferred again (re-running a script only re-scores).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medidiff.errors import MedidiffError
+
+
+@dataclass
+class Row:
+    """One table row: a checkpoint run over an input folder with some infer arguments (or no checkpoint: the
+    inputs themselves are scored, e.g. the degraded input or a classical baseline written beforehand)."""
+
+    name: str
+    inputs: Path
+    ckpt: Path | None = None
+    infer_args: list[str] = field(default_factory=list)
+    note: str = ""
+
+
+def machine() -> str:
+    """The machine a figure was measured on, for every row of a table."""
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def run_image_row(task: str, row: Row, out: Path, ref: Path, data_range: float) -> dict:
+    """Infer (unless complete) and evaluate one image-task row; the time is the sum of per-case times recorded in
+    the provenance files (read, restore, write; model loading excluded)."""
+    from medidiff.cli import main as medidiff
+
+    pred, seconds = row.inputs, 0.0
+    if row.ckpt is not None:
+        pred = out / row.name
+        cases = len([p for p in row.inputs.iterdir() if p.is_file()])
+        if len(list((pred / "provenance").glob("*.json"))) < cases:
+            if medidiff(["infer", "--task", task, "--ckpt", str(row.ckpt), "--input", str(row.inputs),
+                         "--output", str(pred), *row.infer_args]):
+                raise MedidiffError(f"infer failed for row {row.name}")
+        seconds = sum(json.loads(p.read_text())["seconds"] for p in (pred / "provenance").glob("*.json"))
+    metrics = out / f"{row.name}.json"
+    if medidiff(["evaluate", "--task", task, "--pred", str(pred), "--ref", str(ref), "--data-range",
+                 str(data_range), "--out", str(metrics)]):
+        raise MedidiffError(f"evaluate failed for row {row.name}")
+    summary = json.loads(metrics.read_text())["summary"]
+    return {"row": row.name, "args": " ".join(row.infer_args), "note": row.note, "seconds": seconds,
+            **{name: summary[name]["mean"] for name in ("psnr", "ssim", "nmse") if name in summary},
+            "n": summary["psnr"]["n"]}
+
+
+def image_table(rows: list[dict]) -> str:
+    """Markdown table of image-task rows."""
+    lines = ["| row | infer arguments | n | PSNR | SSIM | NMSE | wall time | machine |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        args = f"`{r['args']}`" if r["args"] else r["note"] or "—"
+        time = f"{r['seconds']:.0f} s" if r["seconds"] else "—"
+        lines.append(f"| {r['row']} | {args} | {r['n']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['nmse']:.4f} | "
+                     f"{time} | {machine()} |")
+    return "\n".join(lines)
