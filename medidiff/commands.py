@@ -18,7 +18,9 @@ def _parser() -> argparse.ArgumentParser:
 
     infer = sub.add_parser("infer", help="run a trained model on a scan or a folder of scans")
     infer.add_argument("--task", choices=TASK_NAMES, required=True)
-    infer.add_argument("--ckpt", type=Path, required=True, help="checkpoint from `medidiff fit` or `export`")
+    infer.add_argument("--ckpt", type=Path, default=None,
+                       help="checkpoint from `medidiff fit` or `export` (default: the shipped demo model of the "
+                            "task for the input's dimension)")
     infer.add_argument("--input", required=True, help="a scan, a DICOM series folder, or a folder of scans")
     infer.add_argument("--input-b", help="fusion: the second source (a file, or a folder paired by file name)")
     infer.add_argument("--output", type=Path, required=True, help="folder for the results")
@@ -88,6 +90,8 @@ def _infer(args: argparse.Namespace) -> None:
     from medidiff.inference import SamplingOptions, infer
 
     _check_sampling_options(args)
+    if args.ckpt is None:
+        args.ckpt = shipped_checkpoint(args.task, args.input)
     if args.task == "fusion":
         from medidiff.fusion_infer import infer_command
 
@@ -120,6 +124,28 @@ def _infer(args: argparse.Namespace) -> None:
         written = infer(module, data_hparams, args.input, args.output, options, args.ckpt,
                         report=bars.console.print, progress_factory=progress_factory)
     print(f"wrote {len(written)} files to {args.output}")
+
+
+# the models `medidiff demo` runs, trained on the shipped sample (medidiff/weights, tasks/train_demo_models.sh)
+SHIPPED = {("segmentation", 2): "segmentation_mni_2d", ("segmentation", 3): "segmentation_ct_3d",
+           ("restoration", 2): "restoration_mni_2d", ("restoration", 3): "restoration_mni_2d",
+           ("superres", 3): "superres_ct_3d", ("fusion", 2): "fusion_mni_2d", ("fusion", 3): "fusion_mni_2d"}
+
+
+def shipped_checkpoint(task: str, input_path: str) -> Path:
+    """The shipped demo model for a task and the input's spatial dimension (2D models run slice by slice)."""
+    from medidiff import io
+    from medidiff.demo import weights
+    from medidiff.inference import list_inputs
+
+    first = list_inputs(input_path)[0]
+    dims = 3 if first.is_dir() else io.read(first).ndim - 1
+    name = SHIPPED.get((task, dims))
+    if name is None:
+        raise MedidiffError(f"no shipped {task} model for {dims}D inputs; give one with --ckpt", first)
+    print(f"no --ckpt given: using the shipped demo model {name} (trained for minutes on the sample data; "
+          f"train your own for research, see the README)")
+    return weights(name)
 
 
 def _check_sampling_options(args: argparse.Namespace) -> None:

@@ -2,8 +2,13 @@
 
 The window split happens inside the *denoiser*, at every step: each step's x0 estimate is stitched from
 overlapping windows with Gaussian weights (MONAI's ``sliding_window_inference``) and the sampler then
-updates the whole volume at once. Because windows are re-cut from one consistent state at every step,
-neighbouring windows agree where they overlap and no seam survives to the end.
+updates the whole volume at once.
+
+A fixed window grid is not enough: a network is least accurate near its input's borders, and with the grid
+fixed those errors land on the same planes at every step and add up to visible seams
+(``benchmarks/bench_sliding_window.py`` measured neighbour differences 3x larger on window borders than
+elsewhere). So the grid is shifted by a random offset at every step (seeded, hence reproducible): each step's
+border errors fall on different planes and the following steps repair them.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import Tensor
 
@@ -24,16 +30,23 @@ class SlidingWindowDenoiser:
         overlap: fraction of overlap between windows.
         batch_size: windows evaluated per network call.
         mode: ``gaussian`` (smooth blending) or ``constant``.
+        shift: move the window grid by a random offset (less than one window stride) at every call.
+        seed: seed of those offsets.
     """
 
     def __init__(self, denoiser: Callable[..., Tensor], roi_size: Sequence[int], overlap: float = 0.25,
-                 batch_size: int = 4, mode: str = "gaussian"):
+                 batch_size: int = 4, mode: str = "gaussian", shift: bool = True, seed: int = 0):
         self.denoiser, self.roi_size, self.overlap = denoiser, tuple(int(r) for r in roi_size), overlap
-        self.batch_size, self.mode = batch_size, mode
+        self.batch_size, self.mode, self.shift = batch_size, mode, shift
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
         channels = x.shape[1]
         joined = x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1)
+        offsets = self._offsets(joined.shape[2:])
+        if any(offsets):
+            pad = [amount for offset in reversed(offsets) for amount in (offset, 0)]
+            joined = F.pad(joined, pad, mode="replicate")
 
         def predict(window: Tensor) -> Tensor:
             # samplers give every batch element the same noise level, so one value serves all windows
@@ -41,5 +54,13 @@ class SlidingWindowDenoiser:
             window_cond = None if cond is None else window[:, channels:]
             return self.denoiser(window[:, :channels], level, cond=window_cond)
 
-        return sliding_window_inference(joined, self.roi_size, self.batch_size, predict, overlap=self.overlap,
-                                        mode=self.mode)
+        stitched = sliding_window_inference(joined, self.roi_size, self.batch_size, predict, overlap=self.overlap,
+                                            mode=self.mode)
+        return stitched[(slice(None), slice(None)) + tuple(slice(o, None) for o in offsets)]
+
+    def _offsets(self, spatial: Sequence[int]) -> list[int]:
+        """Per-axis shift of the window grid; none on axes that fit in one window."""
+        if not self.shift:
+            return [0] * len(spatial)
+        strides = [max(int(r * (1 - self.overlap)), 1) if s > r else 1 for s, r in zip(spatial, self.roi_size)]
+        return [int(torch.randint(0, stride, (1,), generator=self.generator)) for stride in strides]

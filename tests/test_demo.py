@@ -58,3 +58,23 @@ def test_metrics_and_provenance_are_written(demo):
     assert {p.stem for p in (out / "metrics").glob("*.json")} == set(TASKS)
     for task in TASKS:
         assert list((out / task / "provenance").glob("*.json")), task
+
+
+def test_infer_without_ckpt_uses_the_shipped_model_for_the_input_dimension(tmp_path, capsys):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from medidiff.cli import main
+
+    scan = tmp_path / "in" / "slice.nii.gz"
+    scan.parent.mkdir()
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).uniform(0, 200, (40, 36)).astype(np.float32), np.eye(4)), scan)
+    assert main(["infer", "--task", "restoration", "--input", str(scan), "--output", str(tmp_path / "out"),
+                 "--steps", "1"]) == 0
+    assert "shipped demo model restoration_mni_2d" in capsys.readouterr().out
+    record = json.loads((tmp_path / "out" / "provenance" / "slice.json").read_text())
+    assert record["checkpoint"].endswith("restoration_mni_2d.ckpt")
+    code = main(["infer", "--task", "superres", "--input", str(scan), "--output", str(tmp_path / "out2")])
+    assert code == 2 and "no shipped superres model for 2D inputs" in capsys.readouterr().err

@@ -9,6 +9,7 @@ what the generative prior adds.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, Sequence
 
 import lightning as L
@@ -18,7 +19,7 @@ from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
 from medidiff.core.guidance import Hook
-from medidiff.lit.base import PlainTrainingBatches, net_config
+from medidiff.lit.base import PlainTrainingBatches, crop, net_config, pad_to_multiple
 from medidiff.lit.image import ImageConventions, KSpaceMeasurement, LowResMeasurement
 
 
@@ -49,8 +50,10 @@ class ImageRegressor(ImageConventions, PlainTrainingBatches, L.LightningModule):
         return None
 
     def forward(self, cond: Tensor) -> Tensor:
-        """The clean estimate in ``[-1, 1]``: the condition plus a learnt residual."""
-        return cond + self.net(cond)
+        """The clean estimate in ``[-1, 1]``: the condition plus a learnt residual (any input size: padded to
+        what the network's down-samplings take, cropped back)."""
+        padded, pad = pad_to_multiple(cond, math.prod(getattr(self.net, "config", {}).get("strides", [1])))
+        return cond + crop(self.net(padded), pad)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self._loss(batch)
