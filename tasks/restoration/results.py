@@ -70,6 +70,21 @@ def main() -> None:
         r["args"] = r["args"].replace(str(mask), "MASK")
     print("\n" + image_table(rows))
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
+    picture(args.out, refs, inputs, Path(__file__).with_name("mni152_kspace4x.png"))
+
+
+def picture(out: Path, refs: Path, inputs: Path, path: Path, case: str = "slice137") -> None:
+    """Zero-filled | UNet + DC | diffusion + DC | reference, with the diffusion error, for one held-aside slice."""
+    from medidiff.report import panel
+
+    def load(folder: Path) -> np.ndarray:
+        return nib.load(folder / f"{case}.nii.gz").get_fdata()
+
+    ref, diffusion = load(refs), load(out / "diffusion_dc_nfe10")
+    panel([("zero-filled 4x", load(inputs), "image"), ("UNet + DC", load(out / "unet_dc"), "image"),
+           ("diffusion + DC, 10 NFE", diffusion, "image"), ("|diffusion - ref|", np.abs(diffusion - ref),
+                                                            "uncertainty"), ("reference", ref, "image")],
+          path, f"MNI152 T1, held-aside {case}, 4x random-line k-space")
 
 
 if __name__ == "__main__":
