@@ -4,11 +4,11 @@ The window split happens inside the *denoiser*, at every step: each step's x0 es
 overlapping windows with Gaussian weights (MONAI's ``sliding_window_inference``) and the sampler then
 updates the whole volume at once.
 
-A fixed window grid is not enough: a network is least accurate near its input's borders, and with the grid
-fixed those errors land on the same planes at every step and add up to visible seams
-(``benchmarks/bench_sliding_window.py`` measured neighbour differences 3x larger on window borders than
-elsewhere). So the grid is shifted by a random offset at every step (seeded, hence reproducible): each step's
-border errors fall on different planes and the following steps repair them.
+A network is least accurate near its input's borders, so a fixed window grid can leave seams on the planes
+where windows meet (``benchmarks/bench_sliding_window.py`` measures them: see benchmarks/RESULTS.md). The
+opt-in ``shift`` moves the grid by a seeded random offset at every step, so those errors fall on different planes
+from step to step; it removes the systematic seams but not the last step's, and was not better overall in that
+benchmark, hence off by default.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class SlidingWindowDenoiser:
     """
 
     def __init__(self, denoiser: Callable[..., Tensor], roi_size: Sequence[int], overlap: float = 0.25,
-                 batch_size: int = 4, mode: str = "gaussian", shift: bool = True, seed: int = 0):
+                 batch_size: int = 4, mode: str = "gaussian", shift: bool = False, seed: int = 0):
         self.denoiser, self.roi_size, self.overlap = denoiser, tuple(int(r) for r in roi_size), overlap
         self.batch_size, self.mode, self.shift = batch_size, mode, shift
         self.generator = torch.Generator().manual_seed(seed)

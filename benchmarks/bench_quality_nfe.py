@@ -1,0 +1,102 @@
+"""Quality versus NFE on a trained model: medidiff's samplers against MONAI's DiffusionInferer with DDPM-1000 and
+DDIM-50, on the same network, inputs and noise seed, in one run.
+
+    python benchmarks/bench_quality_nfe.py --ckpt RESTORATION.ckpt --cases DIR [--slices 4] [--seed 0]
+
+Model: the MNI152 4x k-space restoration diffusion model of tasks/restoration/README.md (sample prediction,
+linear schedule, T = 1000). Cases: the first ``--slices`` held-aside slices written by tasks/restoration/results.py
+(``DIR/zero_filled`` and ``DIR/reference``). Sampling is *without* data consistency here, because MONAI's
+inferer has no per-step hook: the comparison is about samplers, on the same conditional network. PSNR is
+computed in the model's [0, 1] intensity space (data range 1), against the reference mapped by the same
+intensity window as the input. Target (issue 7): <= 20 NFE within noise of DDPM-1000 (the spread over slices is
+printed as the noise), <= 10 NFE within 1 dB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+
+def load_cases(folder: Path, count: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(case, condition in the model's [-1, 1] space, reference in [0, 1] by the same window)``."""
+    from medidiff.inference_image import normalise
+
+    cases = []
+    for path in sorted((folder / "zero_filled").glob("*.nii.gz"))[:count]:
+        degraded = torch.from_numpy(nib.load(path).get_fdata(dtype=np.float32))[None]
+        reference = torch.from_numpy(nib.load(folder / "reference" / path.name).get_fdata(dtype=np.float32))[None]
+        condition, (low, high) = normalise(degraded, {"method": "percentile", "lower": 0.5, "upper": 99.5})
+        cases.append((path.name, condition * 2 - 1, ((reference - low) / (high - low)).clamp(0, 1)))
+    return cases
+
+
+def psnr(estimate: torch.Tensor, reference: torch.Tensor) -> float:
+    return float(-10 * torch.log10(((estimate - reference) ** 2).mean()))
+
+
+def monai_sample(module, cond: torch.Tensor, scheduler_name: str, steps: int, seed: int) -> torch.Tensor:
+    """MONAI's own path: DiffusionInferer.sample with concat conditioning on the same network."""
+    from monai.inferers import DiffusionInferer
+    from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+    cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[scheduler_name]
+    scheduler = cls(1000, prediction_type="sample", clip_sample=False)
+    scheduler.set_timesteps(steps)
+    multiple = module.size_multiple
+    pad = [(-s) % multiple for s in cond.shape[2:]]
+    padded = torch.nn.functional.pad(cond, [0, pad[1], 0, pad[0]], mode="replicate")
+    noise = torch.randn((1, 1, *padded.shape[2:]), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        sample = DiffusionInferer(scheduler).sample(noise, module.net.unet, scheduler, conditioning=padded,
+                                                    mode="concat", verbose=False)
+    return module.decode(sample[..., :cond.shape[2], :cond.shape[3]])
+
+
+def main() -> None:
+    from medidiff.checkpoint import load_module
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", type=Path, required=True)
+    parser.add_argument("--cases", type=Path, default=Path("runs/r5/restoration_results/cases"))
+    parser.add_argument("--slices", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    module, _ = load_module(args.ckpt, task="restoration")
+    cases = load_cases(args.cases, args.slices)
+    rows = [(f"medidiff dpmpp_2m, {n} steps", n, lambda c, n=n: module.estimate(c, sampler="dpmpp_2m", steps=n,
+                                                                                  seed=args.seed))
+            for n in (5, 10, 20, 50)]
+    rows += [("medidiff ddim, 50 steps", 50, lambda c: module.estimate(c, sampler="ddim", steps=50, grid="trailing",
+                                                                         seed=args.seed)),
+             ("MONAI DDIMScheduler, 50 steps", 50, lambda c: monai_sample(module, c, "ddim", 50, args.seed)),
+             ("MONAI DDPMScheduler, 1000 steps", 1000, lambda c: monai_sample(module, c, "ddpm", 1000, args.seed))]
+    start, results = time.perf_counter(), {}
+    for name, nfe, run in rows:
+        began = time.perf_counter()
+        scores = [psnr(run(cond[None])[0], ref) for _, cond, ref in cases]
+        results[name] = (nfe, scores, time.perf_counter() - began)
+        print(f"{name:34s} PSNR {statistics.mean(scores):6.2f} dB  ({time.perf_counter() - began:.0f} s)", flush=True)
+    reference = results["MONAI DDPMScheduler, 1000 steps"][1]
+    spread = statistics.stdev(reference) / len(reference) ** 0.5 if len(reference) > 1 else float("nan")
+    print(f"\nPSNR (dB, [0, 1] scale) on {len(cases)} held-aside MNI152 slices, no data consistency, seed {args.seed}")
+    print(f"{'sampler':34s} {'NFE':>5s} {'PSNR':>7s} {'vs DDPM-1000':>13s} {'paired SE':>10s} {'time':>7s}")
+    for name, (nfe, scores, seconds) in results.items():
+        gaps = [a - b for a, b in zip(scores, reference)]
+        se = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
+        print(f"{name:34s} {nfe:5d} {statistics.mean(scores):7.2f} {statistics.mean(gaps):+12.2f} {se:10.2f} "
+              f"{seconds:6.0f}s")
+    print(f"(standard error of the DDPM-1000 mean itself: {spread:.2f} dB)")
+    print(f"\nwall time {time.perf_counter() - start:.0f} s on {platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+
+
+if __name__ == "__main__":
+    main()
