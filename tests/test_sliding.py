@@ -39,3 +39,11 @@ def test_module_samples_a_volume_larger_than_its_window_reproducibly():
     again = module.estimate(cond, patch_size=(16, 16, 8), steps=3)
     assert first.shape == (1, 1, 24, 20, 16) and torch.isfinite(first).all()
     assert torch.equal(first, again)
+
+
+def test_window_weights_are_gaussian_without_a_floor():
+    weights = SlidingWindowDenoiser(_voxelwise, (32, 32, 32))._weights(torch.device("cpu"))
+    assert weights.shape == (1, 1, 32, 32, 32)
+    assert weights.max() <= 1 and weights[0, 0, 0, 0, 0] < 1e-9  # MONAI would clamp this corner to 1e-3
+    assert torch.allclose(weights, weights.flip(2).flip(3).flip(4))
+    assert SlidingWindowDenoiser(_voxelwise, (32, 32, 32), mode="constant")._weights(torch.device("cpu")) is None
