@@ -95,7 +95,9 @@ def sample_probabilities(module, image: torch.Tensor, options: SamplingOptions, 
                   seed=options.seed)
     if image.ndim - 1 == spatial_dims:
         denoiser = None
-        if spatial_dims == 3 and patch_size and any(s > p for s, p in zip(image.shape[1:], patch_size)):
+        # deterministic baselines have no denoiser: they window themselves (their roi_size)
+        if spatial_dims == 3 and patch_size and hasattr(module, "denoiser") and \
+                any(s > p for s, p in zip(image.shape[1:], patch_size)):
             denoiser = SlidingWindowDenoiser(module.denoiser, patch_size)
         out = module.predict_probabilities(image[None].float(), denoiser=denoiser, **kwargs)[:, 0]
         if progress:

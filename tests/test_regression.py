@@ -82,3 +82,20 @@ def test_exported_regressor_runs_through_infer_and_keeps_the_affine(tmp_path):
     result = nib.load(tmp_path / "out" / "lr.nii.gz")
     assert result.shape[:2] == (42, 46)
     np.testing.assert_allclose(result.affine[:3, :2], affine[:3, :2] / 2, atol=1e-5)
+
+
+def test_3d_unet_segmenter_infers_a_volume_larger_than_its_patch(tmp_path):
+    """The baseline windows itself (roi_size); infer must not wrap it in the diffusion sliding-window denoiser."""
+    from medidiff.lit import UNetSegmenter
+
+    net = PlainUNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1)
+    module = UNetSegmenter(net=net, num_classes=3, roi_size=[16, 16, 16]).eval()
+    ckpt = export(module, {"card": "mni152", "task": "segmentation", "patch_size": [16, 16, 16]}, tmp_path / "s.ckpt")
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    volume = np.random.default_rng(0).uniform(0, 255, (30, 26, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, affine), tmp_path / "t1.nii.gz")
+    assert main(["infer", "--task", "segmentation", "--ckpt", str(ckpt), "--input", str(tmp_path / "t1.nii.gz"),
+                 "--output", str(tmp_path / "out")]) == 0
+    labels = nib.load(tmp_path / "out" / "t1.nii.gz")
+    assert labels.shape == (30, 26, 20)
+    np.testing.assert_allclose(labels.affine, affine)
