@@ -68,6 +68,7 @@ def main() -> None:
     plan += [Row("unet", inputs, args.unet, ["--no-consistency"]), Row("unet_dc", inputs, args.unet),
              Row("diffusion_nfe10", inputs, args.diffusion, ["--steps", "10", "--no-consistency"])]
     plan += [Row(f"diffusion_dc_nfe{n}", inputs, args.diffusion, ["--steps", n]) for n in args.nfe.split(",")]
+    plan += [Row("diffusion_dc_nfe5_ens4", inputs, args.diffusion, ["--steps", "5", "--ensemble", "4"])]
     rows = [run_image_row("superres", row, args.out, refs, DATA_RANGE) for row in plan]
     print("\n" + image_table(rows))
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
