@@ -90,6 +90,8 @@ def _infer(args: argparse.Namespace) -> None:
     from medidiff.inference import SamplingOptions, infer
 
     _check_sampling_options(args)
+    if args.no_consistency and args.task not in ("restoration", "superres"):
+        raise MedidiffError(f"--no-consistency applies to restoration and superres, not {args.task}")
     if args.ckpt is None:
         args.ckpt = shipped_checkpoint(args.task, args.input)
     if args.task == "fusion":

@@ -99,3 +99,10 @@ def test_3d_unet_segmenter_infers_a_volume_larger_than_its_patch(tmp_path):
     labels = nib.load(tmp_path / "out" / "t1.nii.gz")
     assert labels.shape == (30, 26, 20)
     np.testing.assert_allclose(labels.affine, affine)
+
+
+def test_no_consistency_is_refused_for_tasks_without_a_consistency_step(tmp_path, capsys):
+    code = main(["infer", "--task", "segmentation", "--input", str(tmp_path), "--output", str(tmp_path / "o"),
+                 "--no-consistency"])
+    assert code == 2 and "--no-consistency applies to restoration and superres" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
