@@ -63,16 +63,7 @@ class SlidingWindowDenoiser:
         return stitched[(slice(None), slice(None)) + tuple(slice(o, None) for o in offsets)]
 
     def _weights(self, device: torch.device) -> Tensor | None:
-        """Gaussian window weights (MONAI's sigma, 1/8 of the window) *without* MONAI's floor of 1e-3: with the
-        floor, voxels far from every window centre got equal weight from all windows, edge errors included."""
-        if self.mode != "gaussian":
-            return None
-        profiles = [torch.exp(-0.5 * ((torch.arange(r, device=device) - (r - 1) / 2) / (self.sigma_scale * r)) ** 2)
-                    for r in self.roi_size]
-        weights = profiles[0]
-        for profile in profiles[1:]:
-            weights = weights[..., None] * profile
-        return weights[None, None]
+        return gaussian_window_weights(self.roi_size, self.sigma_scale, device) if self.mode == "gaussian" else None
 
     def _offsets(self, spatial: Sequence[int]) -> list[int]:
         """Per-axis shift of the window grid; none on axes that fit in one window."""
@@ -80,3 +71,16 @@ class SlidingWindowDenoiser:
             return [0] * len(spatial)
         strides = [max(int(r * (1 - self.overlap)), 1) if s > r else 1 for s, r in zip(spatial, self.roi_size)]
         return [int(torch.randint(0, stride, (1,), generator=self.generator)) for stride in strides]
+
+
+def gaussian_window_weights(roi_size: Sequence[int], sigma_scale: float = 0.125,
+                            device: torch.device | None = None) -> Tensor:
+    """Gaussian window weights ``(1, 1, *roi_size)`` (MONAI's sigma) *without* MONAI's floor of 1e-3: with the
+    floor, voxels far from every window centre got equal weight from all windows, edge errors included.
+    Pass as ``roi_weight_map`` to ``monai.inferers.sliding_window_inference``."""
+    profiles = [torch.exp(-0.5 * ((torch.arange(r, device=device) - (r - 1) / 2) / (sigma_scale * r)) ** 2)
+                for r in roi_size]
+    weights = profiles[0]
+    for profile in profiles[1:]:
+        weights = weights[..., None] * profile
+    return weights[None, None]

@@ -106,3 +106,11 @@ def test_no_consistency_is_refused_for_tasks_without_a_consistency_step(tmp_path
                  "--no-consistency"])
     assert code == 2 and "--no-consistency applies to restoration and superres" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_windowed_regression_of_a_large_input_matches_the_whole_input_pass_for_a_voxelwise_net():
+    module = RestorationUNet(net=_net(2)).eval()
+    module.net = torch.nn.Conv2d(1, 1, 1)  # voxel-wise: windowing must not change the result
+    cond = torch.rand(1, 1, 40, 36) * 2 - 1
+    windowed = module.estimate(cond, patch_size=(16, 16))
+    assert torch.allclose(windowed, module.estimate(cond), atol=1e-5)
