@@ -17,8 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from medidiff import io
-from medidiff.core.guidance import DownsampleConsistency, KSpaceConsistency
-from medidiff.core.operators import to_kspace
 from medidiff.data.cards import load_card
 from medidiff.errors import MedidiffError
 from medidiff.inference import SamplingOptions, pending_cases, provenance, write_provenance
@@ -56,12 +54,9 @@ def restore(module, image: torch.Tensor, options: SamplingOptions, mask: torch.T
 
 
 def _restore_batch(module, images: torch.Tensor, options: SamplingOptions, mask: torch.Tensor | None):
-    cond = images.float() * 2 - 1
-    hook = None
-    if mask is not None and module.hparams.get("consistency", True):
-        measured = to_kspace(cond, 2) * mask
-        hook = KSpaceConsistency(measured, mask, module.hparams.get("consistency_weight", 1.0), dims=2)
-    return module.estimate(cond, hook=hook, **_sampling(options))
+    # the module builds its own consistency step, from a batch shaped like its training batches
+    batch = {"condition": images.float()} | ({} if mask is None else {"kspace_mask": mask})
+    return module.estimate(module.condition(batch), hook=module.measurement_hook(batch), **_sampling(options))
 
 
 def super_resolve(module, lowres: torch.Tensor, options: SamplingOptions, patch_size=None) -> torch.Tensor:
@@ -71,9 +66,7 @@ def super_resolve(module, lowres: torch.Tensor, options: SamplingOptions, patch_
         raise MedidiffError(f"the model up-samples {len(factors)}D images but the input is {lowres.ndim - 1}D")
     mode = "bilinear" if lowres.ndim == 3 else "trilinear"
     cond = F.interpolate(lowres[None].float(), scale_factor=[float(f) for f in factors], mode=mode) * 2 - 1
-    hook = None
-    if module.hparams.get("consistency", True):
-        hook = DownsampleConsistency(lowres[None].float() * 2 - 1, factors, module.hparams.consistency_weight)
+    hook = module.measurement_hook({"low_res": lowres[None].float()})
     return module.estimate(cond, hook=hook, patch_size=patch_size, **_sampling(options))[0]
 
 

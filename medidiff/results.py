@@ -33,20 +33,27 @@ def machine() -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+def infer_unless_complete(task: str, ckpt: Path, inputs: Path, pred: Path, infer_args: list[str]) -> float:
+    """Run ``medidiff infer`` over the folder ``inputs`` unless every case already has its provenance file; returns
+    the sum of the per-case times recorded there (read, sample, write; model loading excluded)."""
+    from medidiff.cli import main as medidiff
+
+    cases = len([p for p in inputs.iterdir() if p.is_file()])
+    if len(list((pred / "provenance").glob("*.json"))) < cases:
+        if medidiff(["infer", "--task", task, "--ckpt", str(ckpt), "--input", str(inputs), "--output", str(pred),
+                     *infer_args]):
+            raise MedidiffError(f"infer failed for {pred.name}")
+    return sum(json.loads(p.read_text())["seconds"] for p in (pred / "provenance").glob("*.json"))
+
+
 def run_image_row(task: str, row: Row, out: Path, ref: Path, data_range: float) -> dict:
-    """Infer (unless complete) and evaluate one image-task row; the time is the sum of per-case times recorded in
-    the provenance files (read, restore, write; model loading excluded)."""
+    """Infer (unless complete) and evaluate one image-task row (time: see :func:`infer_unless_complete`)."""
     from medidiff.cli import main as medidiff
 
     pred, seconds = row.inputs, 0.0
     if row.ckpt is not None:
         pred = out / row.name
-        cases = len([p for p in row.inputs.iterdir() if p.is_file()])
-        if len(list((pred / "provenance").glob("*.json"))) < cases:
-            if medidiff(["infer", "--task", task, "--ckpt", str(row.ckpt), "--input", str(row.inputs),
-                         "--output", str(pred), *row.infer_args]):
-                raise MedidiffError(f"infer failed for row {row.name}")
-        seconds = sum(json.loads(p.read_text())["seconds"] for p in (pred / "provenance").glob("*.json"))
+        seconds = infer_unless_complete(task, row.ckpt, row.inputs, pred, row.infer_args)
     metrics = out / f"{row.name}.json"
     if medidiff(["evaluate", "--task", task, "--pred", str(pred), "--ref", str(ref), "--data-range",
                  str(data_range), "--out", str(metrics)]):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from medidiff.cli import main as medidiff
+from medidiff.results import infer_unless_complete
 
 DRIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "drive" / "test"
 
@@ -40,13 +41,7 @@ def run_row(name: str, ckpt: Path, out: Path, folders: dict[str, Path], infer_ar
     """Infer (skipped for a row whose predictions are complete) and evaluate one row; the time is the sum of the
     per-case times in the provenance files (read, sample, write; model loading excluded)."""
     pred = out / name
-    cases = len(list(folders["images"].iterdir()))
-    if len(list((pred / "provenance").glob("*.json"))) < cases:
-        code = medidiff(["infer", "--task", "segmentation", "--ckpt", str(ckpt), "--input",
-                         str(folders["images"]), "--output", str(pred), *infer_args])
-        if code:
-            raise SystemExit(f"infer failed for row {name}")
-    seconds = sum(json.loads(p.read_text())["seconds"] for p in (pred / "provenance").glob("*.json"))
+    seconds = infer_unless_complete("segmentation", ckpt, folders["images"], pred, infer_args)
     metrics = out / f"{name}.json"
     medidiff(["evaluate", "--task", "segmentation", "--pred", str(pred), "--ref", str(folders["1st_manual"]),
               "--region", str(folders["mask"]), "--card", "drive", "--out", str(metrics)])
@@ -80,7 +75,7 @@ def main() -> None:
                                                           "trailing"])]
     rows = [run_row(name, ckpt, args.out, folders, infer_args) for name, ckpt, folders, infer_args in plan]
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"\n| row | infer arguments | n | vessel Dice (mean ± std) | HD95 px | wall time | machine |")
+    print("\n| row | infer arguments | n | vessel Dice (mean ± std) | HD95 px | wall time | machine |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         spread = "" if r["dice_std"] is None or r["dice_std"] != r["dice_std"] else f" ± {r['dice_std']:.3f}"

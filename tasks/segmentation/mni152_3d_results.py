@@ -21,7 +21,7 @@ import numpy as np
 
 from medidiff.cli import main as medidiff
 from medidiff.data.cards import load_card
-from medidiff.results import machine
+from medidiff.results import infer_unless_complete, machine
 
 
 def held_aside_case(out: Path) -> tuple[Path, Path]:
@@ -49,11 +49,7 @@ def held_aside_case(out: Path) -> tuple[Path, Path]:
 
 def run_row(name: str, ckpt: Path, images: Path, labels: Path, out: Path, infer_args: list[str]) -> dict:
     pred = out / name
-    if not (pred / "provenance" / "mni152_test_slab.json").exists():
-        if medidiff(["infer", "--task", "segmentation", "--ckpt", str(ckpt), "--input", str(images), "--output",
-                     str(pred), *infer_args]):
-            raise SystemExit(f"infer failed for row {name}")
-    seconds = json.loads((pred / "provenance" / "mni152_test_slab.json").read_text())["seconds"]
+    seconds = infer_unless_complete("segmentation", ckpt, images, pred, infer_args)
     metrics = out / f"{name}.json"
     medidiff(["evaluate", "--task", "segmentation", "--pred", str(pred), "--ref", str(labels), "--card", "mni152",
               "--out", str(metrics)])
