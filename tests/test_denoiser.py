@@ -106,3 +106,31 @@ def test_get_sigmas_stays_inside_the_trained_range():
         sigmas = wrapper.get_sigmas(10, grid)
         assert sigmas.shape == (11,) and sigmas[-1] == 0
         assert sigmas[0] <= wrapper.sigma_max * (1 + 1e-5) and sigmas[-2] >= wrapper.sigma_min * (1 - 1e-5)
+
+
+class InputOracle(torch.nn.Module):
+    """Returns, from ``x_t`` alone, the prediction that maps ``x_t`` exactly to ``x0``."""
+
+    def __init__(self, x0, abar, prediction):
+        super().__init__()
+        self.x0, self.abar, self.prediction = x0, abar, prediction
+        self.seen_x = None
+
+    def forward(self, x_t, t):
+        self.seen_x = x_t
+        a = append_dims(self.abar, x_t.ndim)
+        eps = (x_t - a.sqrt() * self.x0) / (1 - a).sqrt()
+        return {"epsilon": eps, "sample": self.x0, "v": a.sqrt() * eps - (1 - a).sqrt() * self.x0}[self.prediction]
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_recycled_source_is_noised_and_the_target_still_maps_to_x0(prediction):
+    x0, noise, wrapper = _oracle(prediction, "linear", False, SHAPES[0])
+    source = torch.randn_like(x0)  # stands in for the network's own earlier estimate
+    t = torch.tensor([3, 512])
+    wrapper.model = InputOracle(x0, wrapper.alphas_cumprod[t], prediction)
+    loss, x0_hat = wrapper.loss(x0, t=t, noise=noise, source=source)
+    a = append_dims(wrapper.alphas_cumprod[t], x0.ndim)
+    assert torch.allclose(wrapper.model.seen_x, a.sqrt() * source + (1 - a).sqrt() * noise)
+    assert torch.allclose(loss, torch.zeros(2), atol=1e-8)
+    assert torch.allclose(x0_hat, x0, atol=1e-3)

@@ -144,6 +144,7 @@ class DiscreteDenoiser(nn.Module):
         t: Tensor | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | None = None,
+        source: Tensor | None = None,
         **cond: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """The DDPM training objective in the network's own prediction space.
@@ -153,6 +154,9 @@ class DiscreteDenoiser(nn.Module):
             t: integer timesteps ``(B,)``; drawn uniformly from ``[0, T)`` when omitted.
             noise: ``(B, C, *spatial)``; standard normal when omitted.
             generator: source of randomness for ``t`` and ``noise``.
+            source: what is noised into ``x_t`` (defaults to ``x0``). Passing the network's own earlier estimate
+                trains it to correct that estimate toward ``x0`` — the inputs a sampler really feeds it
+                ("recycling", Fu et al. 2023). Epsilon and v targets are the ones that map ``x_t`` to ``x0``.
 
         Returns:
             ``(loss, x0_hat)``: the weighted mean-squared error per sample ``(B,)``, and the network's
@@ -164,7 +168,9 @@ class DiscreteDenoiser(nn.Module):
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
         abar = append_dims(self.alphas_cumprod[t].to(x0.dtype), x0.ndim)
-        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        x_t = abar.sqrt() * (x0 if source is None else source) + (1 - abar).sqrt() * noise
+        if source is not None:
+            noise = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
         out = self.model(x_t, t.to(self.sigmas.dtype), **cond).to(x0.dtype)
         target = {"epsilon": noise, "sample": x0, "v": abar.sqrt() * noise - (1 - abar).sqrt() * x0}
         mse = (out - target[self.prediction_type]).pow(2).flatten(1).mean(1)

@@ -1,0 +1,56 @@
+"""Recycling: training inputs noised from the network's own one-step estimate (see DiffusionModule)."""
+
+import torch
+
+from medidiff.lit import SegmentationDiffusion
+from medidiff.nets import ConditionalUNet
+
+
+class ConstantNet(torch.nn.Module):
+    """Predicts x0 = 0.25 everywhere and records what it was fed."""
+
+    in_channels, spatial_dims, config = 1, 2, {}
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, x, t, cond=None):
+        self.seen.append((x.detach().clone(), t.detach().clone()))
+        return torch.full_like(x, 0.25) + self.weight
+
+
+def _module(fraction, net=None):
+    return SegmentationDiffusion(num_classes=2, prediction_type="sample", recycle_fraction=fraction,
+                                 net=net or ConstantNet())
+
+
+def test_recycled_samples_are_the_networks_estimate_from_pure_noise():
+    module = _module(1.0)
+    x0, cond = -torch.ones(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+    source = module.recycled_source(x0, cond)
+    assert torch.equal(source, torch.full_like(x0, 0.25))
+    x, t = module.net.seen[-1]
+    assert torch.allclose(t, torch.full((3,), 999.0))  # called at the highest noise level
+    assert x.std() < 1.5  # the network's input is scaled pure noise
+    assert _module(0.0).recycled_source(x0, cond) is None
+
+
+def test_a_fraction_of_the_batch_is_recycled_and_the_rest_keeps_the_truth():
+    torch.manual_seed(0)
+    source = _module(0.5).recycled_source(-torch.ones(400, 1, 2, 2), None)
+    recycled = (source == 0.25).flatten(1).all(1)
+    kept = (source == -1).flatten(1).all(1)
+    assert (recycled | kept).all() and 150 < int(recycled.sum()) < 250
+
+
+def test_training_with_recycling_updates_a_real_network():
+    torch.manual_seed(0)
+    net = ConditionalUNet(spatial_dims=2, in_channels=1, cond_channels=1, channels=(8, 16), norm_num_groups=4)
+    module = _module(1.0, net)
+    batch = {"image": torch.randn(2, 1, 16, 16), "label": (torch.rand(2, 1, 16, 16) > 0.5).float()}
+    loss = module._loss(batch, "train")
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
