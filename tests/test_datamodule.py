@@ -28,8 +28,8 @@ def first(loader):
     return next(iter(loader))
 
 
-def check_image(x, batch: int, channels: int, spatial: tuple):
-    assert isinstance(x, MetaTensor) and x.dtype == torch.float32
+def check_image(x, batch: int, channels: int, spatial: tuple, meta: bool = True):
+    assert isinstance(x, MetaTensor) == meta and x.dtype == torch.float32
     assert tuple(x.shape) == (batch, channels, *spatial)
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
 
@@ -42,12 +42,26 @@ def test_segmentation_3d_batch():
     assert (dm.num_classes, dm.in_channels, dm.spatial_dims) == (6, 1, 3)
     dm.setup("fit")
     b = first(dm.train_dataloader())
-    check_image(b["image"], 1, 1, (32, 32, 16))
+    check_image(b["image"], 1, 1, (32, 32, 16), meta=False)  # cached training patches are plain tensors
     assert b["label"].dtype == torch.int64 and b["label"].shape == (1, 1, 32, 32, 16)
     assert set(b["label"].unique().tolist()) <= set(range(6))
     test = first(dm.test_dataloader())
     assert test["image"].shape[2:] == test["label"].shape[2:] and test["id"] == ["ct_b"]
     np.testing.assert_allclose(test["image"].meta["pixdim"][0][1:4], (3, 3, 3))  # resampled to the card
+
+
+def test_cached_training_patches_without_metadata_are_the_same_patches():
+    batches = []
+    for track_meta in (True, False):
+        dm = MedicalDataModule("sample_ct", "segmentation", patch_size=[32, 32, 16], batch_size=2, cache=True,
+                               samples_per_case=2)
+        dm.setup("fit")
+        dm.datasets["train"].track_meta = track_meta
+        batches.append(first(dm.train_dataloader()))
+    assert isinstance(batches[0]["image"], MetaTensor) and not isinstance(batches[1]["image"], MetaTensor)
+    for key in ("image", "label"):
+        assert torch.equal(batches[0][key].as_tensor(), batches[1][key])
+    assert len(batches[0]["label"].unique()) > 1  # foreground-balanced crops: not an all-background patch
 
 
 def test_segmentation_2d_slices_of_3d():

@@ -188,7 +188,7 @@ class MedicalDataModule(LightningDataModule):
             sample = T.train_sampling(spatial_keys, self.patch_size, card=self.card, spatial_dims=self.spatial_dims,
                                       label_key="label" if self._segmentation else None,
                                       num_samples=self.hparams.samples_per_case, flips=self.hparams.augment)
-            return self._dataset_of(data, self._compose(split, pre + sample + finish))
+            return self._dataset_of(data, self._compose(split, pre + sample + finish), patches=True)
         crop = T.centre_patch(spatial_keys, self.patch_size) if split == "val" else []
         if not sliced:
             return self._dataset_of(data, self._compose(split, pre + crop + finish))
@@ -201,13 +201,16 @@ class MedicalDataModule(LightningDataModule):
         self.transforms[split] = compose
         return compose
 
-    def _dataset_of(self, data: list[dict], transform: Compose) -> torch.utils.data.Dataset:
+    def _dataset_of(self, data: list[dict], transform: Compose, patches: bool = False) -> torch.utils.data.Dataset:
+        """``patches``: a training set of random patches; cached, its random part runs without MetaTensors."""
         if self.hparams.cache:
             # copy_cache=False: the random transforms after the cache (crops, flips, degradations) build new
             # tensors and dicts and never write into the cached ones; deep-copying whole cached scans per
             # patch cost more than the network step on DRIVE
-            return _CacheDataset(data, transform, cache_rate=self.hparams.cache_rate, progress=False,
-                                 copy_cache=False)
+            dataset = _CacheDataset(data, transform, cache_rate=self.hparams.cache_rate, progress=False,
+                                    copy_cache=False)
+            dataset.track_meta = not patches
+            return dataset
         return _Dataset(data, transform)
 
     def _keys(self, cases: list[dict]) -> list[str]:
@@ -268,8 +271,13 @@ class _Dataset(Dataset):
 
 
 class _CacheDataset(CacheDataset):
+    track_meta = True  # for the transforms after the cache
+
     def _load_cache_item(self, idx: int) -> Any:
-        return T.user_errors(lambda: super(_CacheDataset, self)._load_cache_item(idx))
+        with T.metadata_tracking(True):  # loading and resampling need the scan's geometry
+            return T.user_errors(lambda: super(_CacheDataset, self)._load_cache_item(idx))
 
     def _transform(self, index: int) -> Any:
-        return T.user_errors(lambda: super(_CacheDataset, self)._transform(index))
+        cached = index % len(self) < self.cache_num  # (cache_rate < 1) the others run the whole pipeline
+        with T.metadata_tracking(self.track_meta or not cached):
+            return T.user_errors(lambda: super(_CacheDataset, self)._transform(index))
