@@ -2,19 +2,25 @@
 DDIM-50, on the same network, inputs and noise seed, in one run.
 
     python benchmarks/bench_quality_nfe.py --ckpt RESTORATION.ckpt --cases DIR [--slices 4] [--seed 0]
+    python benchmarks/bench_quality_nfe.py --task segmentation --ckpt DRIVE.ckpt [--slices 3] [--seed 0]
 
-Model: the MNI152 4x k-space restoration diffusion model of tasks/restoration/README.md (sample prediction,
+Restoration model: the MNI152 4x k-space restoration diffusion model of tasks/restoration/README.md (sample prediction,
 linear schedule, T = 1000). Cases: the first ``--slices`` held-aside slices written by tasks/restoration/results.py
 (``DIR/zero_filled`` and ``DIR/reference``). Sampling is *without* data consistency here, because MONAI's
 inferer has no per-step hook: the comparison is about samplers, on the same conditional network. PSNR is
 computed in the model's [0, 1] intensity space (data range 1), against the reference mapped by the same
 intensity window as the input. Target (issue 7): <= 20 NFE within noise of DDPM-1000 (the spread over slices is
 printed as the noise), <= 10 NFE within 1 dB.
+
+Segmentation model: a DRIVE checkpoint of tasks/segmentation/README.md; cases: the first ``--slices`` DRIVE test
+images, whole (565 x 584), as the data module's test split prepares them; score: vessel Dice inside the field-of-view
+mask, the module's own validation metric. Target: <= 10 NFE within 1 Dice point of DDPM-1000.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import time
@@ -36,6 +42,16 @@ def load_cases(folder: Path, count: int) -> list[tuple[str, torch.Tensor, torch.
         condition, (low, high) = normalise(degraded, {"method": "percentile", "lower": 0.5, "upper": 99.5})
         cases.append((path.name, condition * 2 - 1, ((reference - low) / (high - low)).clamp(0, 1)))
     return cases
+
+
+def load_drive_cases(count: int) -> list[tuple[str, torch.Tensor, dict]]:
+    """``(case, image condition (1, C, H, W), {"label", "fov"} batch)`` for the first DRIVE test images."""
+    from medidiff.data.datamodule import MedicalDataModule
+
+    data = MedicalDataModule("drive", "segmentation", spatial_dims=2, cache=False)
+    data.setup("test")
+    items = [data.datasets["test"][i] for i in range(count)]
+    return [(item["id"], item["image"][None].float(), {k: item[k][None] for k in ("label", "fov")}) for item in items]
 
 
 def psnr(estimate: torch.Tensor, reference: torch.Tensor) -> float:
@@ -68,32 +84,45 @@ def main() -> None:
     parser.add_argument("--cases", type=Path, default=Path("runs/r5/restoration_results/cases"))
     parser.add_argument("--slices", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--task", choices=("restoration", "segmentation"), default="restoration")
+    parser.add_argument("--ddpm-steps", type=int, default=1000, help="MONAI DDPM steps (fewer only for smoke runs)")
     args = parser.parse_args()
-    module, _ = load_module(args.ckpt, task="restoration")
-    cases = load_cases(args.cases, args.slices)
-    rows = [(f"medidiff dpmpp_2m, {n} steps", n, lambda c, n=n: module.estimate(c, sampler="dpmpp_2m", steps=n,
-                                                                                  seed=args.seed))
+    module, _ = load_module(args.ckpt, task=args.task)
+    if args.task == "segmentation":
+        cases = load_drive_cases(args.slices)
+        sample = functools.partial(module.predict_probabilities, seed=args.seed)
+
+        def score(prediction: torch.Tensor, batch: dict) -> float:  # prediction (1, C, H, W)
+            return module.sample_metrics(prediction[None], batch)["dice"]
+
+        metric, unit, what = "Dice", "", "DRIVE test images (inside the field of view)"
+    else:
+        cases = [(name, cond[None], ref) for name, cond, ref in load_cases(args.cases, args.slices)]
+        sample = functools.partial(module.estimate, seed=args.seed)
+        score, metric, unit, what = psnr, "PSNR", " dB", "held-aside MNI152 slices, no data consistency"
+    ddpm = f"MONAI DDPMScheduler, {args.ddpm_steps} steps"
+    rows = [(f"medidiff dpmpp_2m, {n} steps", n, lambda c, n=n: sample(c, sampler="dpmpp_2m", steps=n)[0])
             for n in (5, 10, 20, 50)]
-    rows += [("medidiff ddim, 50 steps", 50, lambda c: module.estimate(c, sampler="ddim", steps=50, grid="trailing",
-                                                                         seed=args.seed)),
+    rows += [("medidiff ddim, 50 steps", 50, lambda c: sample(c, sampler="ddim", steps=50, grid="trailing")[0]),
              ("MONAI DDIMScheduler, 50 steps", 50, lambda c: monai_sample(module, c, "ddim", 50, args.seed)),
-             ("MONAI DDPMScheduler, 1000 steps", 1000, lambda c: monai_sample(module, c, "ddpm", 1000, args.seed))]
+             (ddpm, args.ddpm_steps, lambda c: monai_sample(module, c, "ddpm", args.ddpm_steps, args.seed))]
     start, results = time.perf_counter(), {}
     for name, nfe, run in rows:
         began = time.perf_counter()
-        scores = [psnr(run(cond[None])[0], ref) for _, cond, ref in cases]
+        scores = [score(run(cond), ref) for _, cond, ref in cases]
         results[name] = (nfe, scores, time.perf_counter() - began)
-        print(f"{name:34s} PSNR {statistics.mean(scores):6.2f} dB  ({time.perf_counter() - began:.0f} s)", flush=True)
-    reference = results["MONAI DDPMScheduler, 1000 steps"][1]
+        print(f"{name:34s} {metric} {statistics.mean(scores):6.3f}{unit}  ({time.perf_counter() - began:.0f} s)",
+              flush=True)
+    reference = results[ddpm][1]
     spread = statistics.stdev(reference) / len(reference) ** 0.5 if len(reference) > 1 else float("nan")
-    print(f"\nPSNR (dB, [0, 1] scale) on {len(cases)} held-aside MNI152 slices, no data consistency, seed {args.seed}")
-    print(f"{'sampler':34s} {'NFE':>5s} {'PSNR':>7s} {'vs DDPM-1000':>13s} {'paired SE':>10s} {'time':>7s}")
+    print(f"\n{metric} on {len(cases)} {what}, seed {args.seed}")
+    print(f"{'sampler':34s} {'NFE':>5s} {metric:>7s} {'vs DDPM':>13s} {'paired SE':>10s} {'time':>7s}")
     for name, (nfe, scores, seconds) in results.items():
         gaps = [a - b for a, b in zip(scores, reference)]
         se = statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else float("nan")
-        print(f"{name:34s} {nfe:5d} {statistics.mean(scores):7.2f} {statistics.mean(gaps):+12.2f} {se:10.2f} "
+        print(f"{name:34s} {nfe:5d} {statistics.mean(scores):7.3f} {statistics.mean(gaps):+12.3f} {se:10.3f} "
               f"{seconds:6.0f}s")
-    print(f"(standard error of the DDPM-1000 mean itself: {spread:.2f} dB)")
+    print(f"(standard error of the DDPM mean itself: {spread:.3f}{unit})")
     print(f"\nwall time {time.perf_counter() - start:.0f} s on {platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
 

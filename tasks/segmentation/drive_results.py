@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from medidiff.checkpoint import read_checkpoint
 from medidiff.cli import main as medidiff
 from medidiff.results import infer_unless_complete
 
@@ -75,17 +76,20 @@ def main() -> None:
                                                           "trailing"])]
     rows = [run_row(name, ckpt, args.out, folders, infer_args) for name, ckpt, folders, infer_args in plan]
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    steps = {name: read_checkpoint(path)["global_step"] for name, path in (("diffusion", args.diffusion),
+                                                                             ("unet", args.unet))}
+    print(f"\ntraining steps: diffusion {steps['diffusion']}, UNet {steps['unet']}")
     print("\n| row | infer arguments | n | vessel Dice (mean ± std) | HD95 px | wall time | machine |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         spread = "" if r["dice_std"] is None or r["dice_std"] != r["dice_std"] else f" ± {r['dice_std']:.3f}"
         print(f"| {r['row']} | `{r['args'] or '(checkpoint defaults)'}` | {r['n']} | {r['dice']:.3f}{spread} | "
               f"{r['hd95']:.1f} | {r['seconds']:.0f} s | {machine} |")
-    (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
-    plot_dice_vs_nfe(rows, Path(__file__).with_name("drive_dice_vs_nfe.png"))
+    (args.out / "rows.json").write_text(json.dumps({"training_steps": steps, "rows": rows}, indent=1))
+    plot_dice_vs_nfe(rows, steps["unet"], args.out / "drive_dice_vs_nfe.png")
 
 
-def plot_dice_vs_nfe(rows: list[dict], path: Path) -> None:
+def plot_dice_vs_nfe(rows: list[dict], unet_steps: int, path: Path) -> None:
     """Vessel Dice of the single-sample diffusion rows against NFE, with the UNet as a line."""
     import matplotlib
 
@@ -97,7 +101,7 @@ def plot_dice_vs_nfe(rows: list[dict], path: Path) -> None:
     unet = next(r["dice"] for r in rows if r["row"] == "unet")
     fig, ax = plt.subplots(figsize=(4.2, 3))
     ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="diffusion, dpmpp_2m")
-    ax.axhline(unet, color="gray", linestyle="--", label="UNet, same 900 steps")
+    ax.axhline(unet, color="gray", linestyle="--", label=f"UNet, same {unet_steps} steps")
     ax.set_xscale("log")
     ax.set_xlabel("NFE (network evaluations)")
     ax.set_ylabel("vessel Dice, DRIVE test (20)")
