@@ -140,6 +140,19 @@ def test_shape_and_spacing_mismatch_name_the_file(seg_folders):
         evaluate_segmentation(seg_folders / "pred", seg_folders / "ref")
 
 
+def test_a_shifted_origin_names_the_file_and_a_tiny_one_passes(seg_folders):
+    data = np.asanyarray(nib.load(seg_folders / "ref" / "case2.nii.gz").dataobj)
+    affine = np.diag([*SPACING, 1.0])
+    affine[:3, 3] = (0.1, 0.1, 0.1)  # well under half a voxel: the same grid
+    nib.save(nib.Nifti1Image(data, affine), str(seg_folders / "ref" / "case2.nii.gz"))
+    assert evaluate_segmentation(seg_folders / "pred", seg_folders / "ref")["summary"]
+    affine[:3, 3] = (0.0, 4.0, 0.0)  # eight voxels along a 0.5 mm axis
+    nib.save(nib.Nifti1Image(data, affine), str(seg_folders / "ref" / "case2.nii.gz"))
+    with pytest.raises(MedidiffError, match="origin .* lies 4.00 mm from") as err:
+        evaluate_segmentation(seg_folders / "pred", seg_folders / "ref")
+    assert err.value.path.endswith("case2.nii.gz")
+
+
 def test_duplicate_case_names_raise(seg_folders):
     _nii(seg_folders / "pred" / "case1_seg.nii.gz", np.zeros((10, 8, 8), np.uint8))
     with pytest.raises(MedidiffError, match="two files map to case 'case1'"):

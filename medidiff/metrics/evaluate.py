@@ -104,6 +104,11 @@ def _geometry_problem(img: Any, ref: Any) -> str | None:
         return f"spacing {img.meta['spacing']} differs from {ref.meta['spacing']}"
     if img.meta["orientation"] != ref.meta["orientation"]:
         return f"orientation {img.meta['orientation']} differs from {ref.meta['orientation']}"
+    # same shape, spacing and axes yet shifted (e.g. two different crops): voxel-wise scores would be meaningless
+    origin, ref_origin = (np.asarray(m.meta["affine"], dtype=float)[:3, 3] for m in (img, ref))
+    shift = float(np.linalg.norm(origin - ref_origin))
+    if shift > 0.5 * float(np.min(ref.meta["spacing"])):
+        return f"origin {np.round(origin, 2).tolist()} lies {shift:.2f} mm from {np.round(ref_origin, 2).tolist()}"
     return None
 
 
