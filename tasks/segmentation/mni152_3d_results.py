@@ -63,9 +63,11 @@ def main() -> None:
     parser.add_argument("--diffusion", type=Path, required=True)
     parser.add_argument("--unet", type=Path, required=True)
     parser.add_argument("--out", type=Path, default=Path("runs/mni152_3d_results"))
+    parser.add_argument("--unet-equal-time", type=Path, help="a UNet trained for the diffusion run's wall time")
     args = parser.parse_args()
     images, labels = held_aside_case(args.out)
     plan = [("unet", args.unet, [])]
+    plan += [("unet_equal_time", args.unet_equal_time, [])] if args.unet_equal_time else []
     plan += [(f"diffusion_nfe{n}", args.diffusion, ["--steps", str(n)]) for n in (1, 5, 10)]
     plan += [("diffusion_nfe5_ens3", args.diffusion, ["--steps", "5", "--ensemble", "3"])]
     rows = [run_row(name, ckpt, images, labels, args.out, infer_args) for name, ckpt, infer_args in plan]
