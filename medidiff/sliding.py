@@ -45,21 +45,21 @@ class SlidingWindowDenoiser:
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Tensor | None = None) -> Tensor:
-        channels = x.shape[1]
-        joined = x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1)
-        offsets = self._offsets(joined.shape[2:])
+        # MONAI windows the condition beside the input: no volume-sized concatenation of the two per step
+        extra = {} if cond is None else {"condition": cond.to(x.dtype)}
+        offsets = self._offsets(x.shape[2:])
         if any(offsets):
             pad = [amount for offset in reversed(offsets) for amount in (offset, 0)]
-            joined = F.pad(joined, pad, mode="replicate")
+            x = F.pad(x, pad, mode="replicate")
+            extra = {key: F.pad(value, pad, mode="replicate") for key, value in extra.items()}
 
-        def predict(window: Tensor) -> Tensor:
+        def predict(window: Tensor, condition: Tensor | None = None) -> Tensor:
             # samplers give every batch element the same noise level, so one value serves all windows
             level = sigma[:1].expand(window.shape[0])
-            window_cond = None if cond is None else window[:, channels:]
-            return self.denoiser(window[:, :channels], level, cond=window_cond)
+            return self.denoiser(window, level, cond=condition)
 
-        stitched = sliding_window_inference(joined, self.roi_size, self.batch_size, predict, overlap=self.overlap,
-                                            mode=self.mode, roi_weight_map=self._weights(x.device))
+        stitched = sliding_window_inference(x, self.roi_size, self.batch_size, predict, overlap=self.overlap,
+                                            mode=self.mode, roi_weight_map=self._weights(x.device), **extra)
         return stitched[(slice(None), slice(None)) + tuple(slice(o, None) for o in offsets)]
 
     def _weights(self, device: torch.device) -> Tensor | None:

@@ -1,6 +1,7 @@
 """Sliding-window denoising: exact for a voxel-wise denoiser whatever the window grid, shifted grids are
 reproducible, and the module samples volumes larger than a window."""
 
+import pytest
 import torch
 
 from medidiff.lit import SuperResDiffusion
@@ -12,10 +13,11 @@ def _voxelwise(x, sigma, cond=None):
     return 0.5 * x + cond / (1 + sigma.view(-1, 1, 1, 1, 1))
 
 
-def test_voxelwise_denoiser_is_reproduced_exactly_with_shifted_windows():
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_voxelwise_denoiser_is_reproduced_exactly_with_shifted_windows(batch_size):
     x, cond = torch.randn(1, 1, 40, 36, 20), torch.rand(1, 1, 40, 36, 20)
     sigma = torch.tensor([2.0])
-    windows = SlidingWindowDenoiser(_voxelwise, (16, 16, 8), overlap=0.25, shift=True)
+    windows = SlidingWindowDenoiser(_voxelwise, (16, 16, 8), overlap=0.25, shift=True, batch_size=batch_size)
     for _ in range(3):  # a different grid each call, the same answer
         assert torch.allclose(windows(x, sigma, cond=cond), _voxelwise(x, sigma, cond), atol=1e-5)
 
