@@ -3,6 +3,7 @@ without the low-resolution consistency at several NFE — every model row by `me
 evaluate`, timed, in one run.
 
     python tasks/superres/results.py --diffusion CKPT --unet CKPT [--out runs/superres_results]
+    python tasks/superres/results.py --out DIR        # the classical rows only (no checkpoints needed)
 
 Held-aside case: the card's test slab (axial slices 125-148 of the 1 mm template, 24 slices; training used
 10-109), averaged over 4 slices into a 4 mm volume (the box slice profile the models were trained with).
@@ -23,6 +24,7 @@ import torch
 from scipy.ndimage import zoom
 
 from medidiff import io
+from medidiff.core.guidance import DownsampleConsistency
 from medidiff.core.operators import downsample
 from medidiff.data.cards import load_card
 from medidiff.results import Row, image_table, run_image_row
@@ -43,12 +45,16 @@ def held_aside_case(out: Path) -> tuple[Path, Path, dict[str, Path]]:
     affine[:3, 3] = volume.affine[:3, :3] @ [0, 0, first] + volume.affine[:3, 3]
     lr = downsample(torch.from_numpy(hr)[None, None], list(FACTORS))[0, 0].numpy()
     lr_affine = io.respaced_affine(affine, tuple(float(f) for f in FACTORS))
-    folders = {name: out / "cases" / name for name in ("reference", "input_4mm", "trilinear", "cubic")}
     baselines = {
         "trilinear": torch.nn.functional.interpolate(torch.from_numpy(lr)[None, None], scale_factor=FACTORS,
                                                      mode="trilinear")[0, 0].numpy(),
         "cubic": zoom(lr, FACTORS, order=3, mode="nearest", grid_mode=True),
     }
+    # the same low-resolution consistency projection the models get, applied to the interpolations
+    consistency = DownsampleConsistency(torch.from_numpy(lr)[None, None], FACTORS)
+    baselines.update({f"{name}_dc": consistency(torch.from_numpy(data)[None, None], None, None)[0, 0].numpy()
+                      for name, data in list(baselines.items())})
+    folders = {name: out / "cases" / name for name in ("reference", "input_4mm", *baselines)}
     for name, (data, grid) in {"reference": (hr, affine), "input_4mm": (lr, lr_affine),
                                **{k: (v, affine) for k, v in baselines.items()}}.items():
         folders[name].mkdir(parents=True, exist_ok=True)
@@ -58,17 +64,19 @@ def held_aside_case(out: Path) -> tuple[Path, Path, dict[str, Path]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--diffusion", type=Path, required=True)
-    parser.add_argument("--unet", type=Path, required=True)
+    parser.add_argument("--diffusion", type=Path, help="without it (and --unet): the classical rows only")
+    parser.add_argument("--unet", type=Path)
     parser.add_argument("--out", type=Path, default=Path("runs/superres_results"))
     parser.add_argument("--nfe", default="5,10,20", help="sampler steps of the diffusion rows with consistency")
     args = parser.parse_args()
     refs, inputs, baselines = held_aside_case(args.out)
-    plan = [Row(name, folder, note=f"{name} interpolation") for name, folder in baselines.items()]
-    plan += [Row("unet", inputs, args.unet, ["--no-consistency"]), Row("unet_dc", inputs, args.unet),
-             Row("diffusion_nfe10", inputs, args.diffusion, ["--steps", "10", "--no-consistency"])]
-    plan += [Row(f"diffusion_dc_nfe{n}", inputs, args.diffusion, ["--steps", n]) for n in args.nfe.split(",")]
-    plan += [Row("diffusion_dc_nfe5_ens4", inputs, args.diffusion, ["--steps", "5", "--ensemble", "4"])]
+    plan = [Row(name, folder, note=f"{name.replace('_dc', ' + DC')} interpolation") for name, folder in baselines.items()]
+    if args.unet:
+        plan += [Row("unet", inputs, args.unet, ["--no-consistency"]), Row("unet_dc", inputs, args.unet)]
+    if args.diffusion:
+        plan += [Row("diffusion_nfe10", inputs, args.diffusion, ["--steps", "10", "--no-consistency"])]
+        plan += [Row(f"diffusion_dc_nfe{n}", inputs, args.diffusion, ["--steps", n]) for n in args.nfe.split(",")]
+        plan += [Row("diffusion_dc_nfe5_ens4", inputs, args.diffusion, ["--steps", "5", "--ensemble", "4"])]
     rows = [run_image_row("superres", row, args.out, refs, DATA_RANGE) for row in plan]
     print("\n" + image_table(rows))
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1))
