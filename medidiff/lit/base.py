@@ -56,6 +56,8 @@ class DiffusionModule(PlainTrainingBatches, L.LightningModule):
             Sampling feeds the network noisy versions of its own earlier estimates, not of the truth; a network
             trained only on the latter learns to trust its input and carries early errors to the end, so the
             result gets worse as steps are added. Costs one extra forward pass (no gradient) per recycled sample.
+            Measured with ``prediction_type: sample`` only; with epsilon or v targets the noise that maps a
+            recycled ``x_t`` to ``x0`` grows like ``1 / sqrt(1 - abar)`` at low noise levels.
         channels_last, compile: opt-in speed switches (measured in benchmarks/).
         seed: base seed of sampling in validation and prediction.
     """

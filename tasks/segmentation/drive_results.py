@@ -87,28 +87,30 @@ def main() -> None:
         print(f"| {r['row']} | `{r['args'] or '(checkpoint defaults)'}` | {r['n']} | {r['dice']:.3f}{spread} | "
               f"{r['hd95']:.1f} | {r['seconds']:.0f} s | {machine} |")
     (args.out / "rows.json").write_text(json.dumps({"training_steps": steps, "rows": rows}, indent=1))
-    plot_dice_vs_nfe(rows, steps["unet"], args.out / "drive_dice_vs_nfe.png")
+    plot_dice_vs_nfe([(rows, f"{steps['diffusion']} steps", "tab:blue")], args.out / "drive_dice_vs_nfe.png")
 
 
-def plot_dice_vs_nfe(rows: list[dict], unet_steps: int, path: Path) -> None:
-    """Vessel Dice of the single-sample diffusion rows against NFE, with the UNet as a line."""
+def plot_dice_vs_nfe(runs: list[tuple[list[dict], str, str]], path: Path) -> None:
+    """Vessel Dice of the single-sample diffusion rows (all 20 images) against NFE, one curve per
+    ``(rows, label, colour)`` run, with that run's UNet as a dashed line of the same colour."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = sorted((int(r["args"].split()[-1]), r["dice"]) for r in rows
-                    if r["row"].startswith("dpmpp_2m_nfe") and r["n"] == 20)
-    unet = next(r["dice"] for r in rows if r["row"] == "unet")
-    fig, ax = plt.subplots(figsize=(4.2, 3))
-    ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label="diffusion, dpmpp_2m")
-    ax.axhline(unet, color="gray", linestyle="--", label=f"UNet, same {unet_steps} steps")
+    fig, ax = plt.subplots(figsize=(5.2, 3.4))
+    for rows, label, colour in runs:
+        points = sorted((int(r["args"].split()[-1]), r["dice"]) for r in rows
+                        if r["row"].startswith("dpmpp_2m_nfe") and r["n"] == 20)
+        ax.plot(*zip(*points), "o-", color=colour, label=f"diffusion, {label}")
+        ax.axhline(next(r["dice"] for r in rows if r["row"] == "unet"), color=colour, linestyle="--", linewidth=1)
+    ax.plot([], [], "k--", linewidth=1, label="UNet of the same steps (colour)")
     ax.set_xscale("log")
-    ax.set_xlabel("NFE (network evaluations)")
+    ax.set_xlabel("NFE (network evaluations), dpmpp_2m")
     ax.set_ylabel("vessel Dice, DRIVE test (20)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
