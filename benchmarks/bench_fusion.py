@@ -55,9 +55,9 @@ def train_prior(dataset: str, minutes: float, root: Path) -> tuple[Path, float]:
     return sorted(root.rglob("last*.ckpt"), key=lambda p: p.stat().st_mtime)[-1], time.perf_counter() - start
 
 
-def test_folders(dataset: str, root: Path, limit: int | None) -> tuple[Path, Path]:
-    """Symlink the card's test pairs into ``root/source_{a,b}`` so folder-level tools see only them."""
-    cases = load_card(f"harvard_{dataset}").splits["test"].cases[:limit]
+def split_folders(dataset: str, split: str, root: Path, limit: int | None) -> tuple[Path, Path]:
+    """Symlink the card's pairs of ``split`` into ``root/source_{a,b}`` so folder-level tools see only them."""
+    cases = load_card(f"harvard_{dataset}").splits[split].cases[:limit]
     for role in ("source_a", "source_b"):
         folder = root / role
         folder.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,9 @@ def main() -> None:
     parser.add_argument("--train-minutes", type=float, default=5.0)
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=None, help="at most this many test pairs")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="val: choose likelihood options on validation pairs (own output files, no panels)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many pairs")
     parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
                         help="override likelihood options of the checkpoint, e.g. prior_weight=0.1")
     parser.add_argument("--out", type=Path, default=REPO / "runs/bench_fusion")
@@ -126,7 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    root = args.out / args.dataset
+    root = args.out / args.dataset / ("" if args.split == "test" else args.split)
     command = "python benchmarks/bench_fusion.py " + " ".join(sys.argv[1:])
     if args.ckpt:
         checkpoint, train_seconds = args.ckpt, 0.0
@@ -138,7 +140,7 @@ def main() -> None:
         if name not in LIKELIHOOD_OPTIONS:
             raise SystemExit(f"--set {option}: not a likelihood option ({', '.join(LIKELIHOOD_OPTIONS)})")
         module.hparams[name] = type(module.hparams[name])(value)
-    dirs = test_folders(args.dataset, root, args.limit)
+    dirs = split_folders(args.dataset, args.split, root, args.limit)
     results = root / "results"
     rows = [run_method(name, dirs, results, method=name) for name in ("average", "max_abs", "laplacian")]
     for nfe in args.nfe:
@@ -151,15 +153,18 @@ def main() -> None:
     table = markdown(rows, args.dataset, command, args.seed)
     machine = (f"{os.cpu_count()}-core {platform.machine()} CPU ({args.threads} torch thread), "
                f"torch {torch.__version__}")
-    footer = (f"\n\n{len(list(dirs[0].iterdir()))} test pairs of harvard_{args.dataset}; prior trained "
+    footer = (f"\n\n{len(list(dirs[0].iterdir()))} {args.split} pairs of harvard_{args.dataset}; prior trained "
               f"{train_seconds / 60:.1f} min ({checkpoint}); machine: {machine}")
     print(table + footer)
     out = REPO / "benchmarks/results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"fusion_{args.dataset}.md").write_text(table + footer + "\n")
-    (out / f"fusion_{args.dataset}.json").write_text(json.dumps(
+    stem = f"fusion_{args.dataset}" + ("" if args.split == "test" else f"_{args.split}")
+    (out / f"{stem}.md").write_text(table + footer + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(
         {"rows": rows, "train_seconds": train_seconds, "checkpoint": str(checkpoint), "command": command,
          "machine": machine}, indent=1))
+    if args.split != "test":
+        return
     best = max(args.nfe) if 10 not in args.nfe else 10
     names = sorted(p.name for p in dirs[0].iterdir())
     picks = [names[len(names) // 3], names[2 * len(names) // 3]]

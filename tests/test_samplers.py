@@ -108,6 +108,22 @@ def test_hook_output_is_what_the_sampler_uses(name):
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
+def test_samplers_never_modify_tensors_they_hand_out(name):
+    """Updates may run in place to save memory on large volumes, but never on the caller's start noise nor on
+    a tensor a callback was shown: callbacks may keep references (e.g. to record a trajectory)."""
+    x_start = _noise(SHAPES["3d"], 10.0)
+    original, shown = x_start.clone(), []
+
+    def keep(info):
+        shown.extend((info[key], info[key].clone()) for key in ("x", "denoised"))
+
+    get_sampler(name)(GaussianMixture().denoiser, x_start, karras_sigmas(6, 0.01, 10.0), callback=keep,
+                      generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x_start, original)
+    assert len(shown) == 12 and all(torch.equal(kept, copy) for kept, copy in shown)
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
 def test_same_generator_seed_gives_identical_samples_and_no_state_leaks(name):
     mixture = GaussianMixture()
     x_start = _noise(SHAPES["2d"], 10.0)

@@ -247,10 +247,11 @@ class DiffusionModule(PlainTrainingBatches, L.LightningModule):
         padded = [size + pad[2 * i] + pad[2 * i + 1] for i, size in enumerate(reversed(spatial))][::-1]
         sigmas = self.denoiser.get_sigmas(steps or hp.steps, grid or hp.grid)
         x = torch.randn((batch * members, channels, *padded), generator=generator,
-                        device=self.device) * sigmas[0].to(self.device)
+                        device=self.device).mul_(sigmas[0].to(self.device))
         base = denoiser or self.denoiser
         if cond is not None:
-            cond_batch = cond.float().repeat(members, *([1] * (cond.ndim - 1)))
+            # one member needs no copy: a large 3D condition is a volume of memory
+            cond_batch = cond.float() if members == 1 else cond.float().repeat(members, *([1] * (cond.ndim - 1)))
             if hp.guidance_scale != 1:
                 base = ClassifierFreeGuidance(base, hp.guidance_scale)
             base = functools.partial(base, cond=pad_to_multiple(cond_batch, self.size_multiple)[0])
