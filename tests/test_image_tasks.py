@@ -36,16 +36,31 @@ def test_kspace_consistency_holds_on_the_final_sample(shape):
     assert not torch.allclose(to_kspace(unhooked, 2) * mask, measured, atol=1e-2)
 
 
+@pytest.mark.parametrize("residual_scale", [0.0, 8.0])
 @pytest.mark.parametrize("shape,factors", [((1, 32, 24), (4, 4)), ((1, 16, 16, 12), (1, 1, 4))])
-def test_superres_consistency_holds_on_the_final_sample(shape, factors):
+def test_superres_consistency_holds_on_the_final_sample(shape, factors, residual_scale):
     image = _clean(shape)
     spec = {"downsample": {"factor": list(factors), "model": "average"}}
     degraded, extras = degrade_with_extras(image, spec, seed=0)
     assert degraded.shape == image.shape
     batch = {"image": image[None], "condition": degraded[None], "low_res": extras["low_res"][None]}
-    module = SuperResDiffusion(net=_net(len(shape) - 1), factors=list(factors)).eval()
+    module = SuperResDiffusion(net=_net(len(shape) - 1), factors=list(factors), residual_scale=residual_scale).eval()
     sample = module.sample(module.condition(batch), hook=module.measurement_hook(batch), steps=3)[0]
     assert torch.allclose(downsample(sample, factors), batch["low_res"] * 2 - 1, atol=1e-4)
+
+
+def test_residual_diffusion_trains_on_the_scaled_residual_and_samples_in_image_space():
+    """With ``residual_scale`` the target is ``(image - condition) * scale``; a network that estimates a zero
+    residual returns the condition itself, not the zero image."""
+    image = _clean((1, 16, 16))
+    degraded, _ = degrade_with_extras(image, {"downsample": {"factor": [2, 2], "model": "average"}}, seed=0)
+    batch = {"image": image[None], "condition": degraded[None]}
+    module = SuperResDiffusion(net=_net(2), factors=[2, 2], residual_scale=8.0).eval()
+    target, cond = module.target_and_condition(batch)
+    assert torch.allclose(target, (image[None] - degraded[None]) * 2 * 8.0, atol=1e-6)
+    samples = module.sample(cond, steps=3, ensemble=2, denoiser=lambda x, sigma, cond=None: torch.zeros_like(x))
+    assert samples.shape == (2, 1, 1, 16, 16)
+    assert torch.allclose(samples, cond.expand_as(samples), atol=1e-6)
 
 
 def test_psnr_metric_of_a_perfect_prediction_is_high_and_of_noise_low():
