@@ -58,12 +58,13 @@ class SlidingWindowDenoiser:
             level = sigma[:1].expand(window.shape[0])
             return self.denoiser(window, level, cond=condition)
 
-        stitched = sliding_window_inference(x, self.roi_size, self.batch_size, predict, overlap=self.overlap,
-                                            mode=self.mode, roi_weight_map=self._weights(x.device), **extra)
+        roi = fitted_roi(self.roi_size, x.shape[2:])
+        stitched = sliding_window_inference(x, roi, self.batch_size, predict, overlap=self.overlap,
+                                            mode=self.mode, roi_weight_map=self._weights(roi, x.device), **extra)
         return stitched[(slice(None), slice(None)) + tuple(slice(o, None) for o in offsets)]
 
-    def _weights(self, device: torch.device) -> Tensor | None:
-        return gaussian_window_weights(self.roi_size, self.sigma_scale, device) if self.mode == "gaussian" else None
+    def _weights(self, roi: Sequence[int], device: torch.device) -> Tensor | None:
+        return gaussian_window_weights(roi, self.sigma_scale, device) if self.mode == "gaussian" else None
 
     def _offsets(self, spatial: Sequence[int]) -> list[int]:
         """Per-axis shift of the window grid; none on axes that fit in one window."""
@@ -71,6 +72,14 @@ class SlidingWindowDenoiser:
             return [0] * len(spatial)
         strides = [max(int(r * (1 - self.overlap)), 1) if s > r else 1 for s, r in zip(spatial, self.roi_size)]
         return [int(torch.randint(0, stride, (1,), generator=self.generator)) for stride in strides]
+
+
+def fitted_roi(roi_size: Sequence[int], spatial: Sequence[int]) -> tuple[int, ...]:
+    """The window shrunk to the volume on axes where the volume is smaller. MONAI would pad those axes with
+    zeros, i.e. mid-grey in ``[-1, 1]`` space, next to the volume's edge: on a 24-slice MNI slab under a 32-slice
+    window that made the edge slabs' error 2-4x the others'. A fully convolutional network takes the smaller
+    window as it is (sizes stay multiples of the network's, as the volume's are)."""
+    return tuple(min(int(r), int(s)) for r, s in zip(roi_size, spatial))
 
 
 def gaussian_window_weights(roi_size: Sequence[int], sigma_scale: float = 0.125,

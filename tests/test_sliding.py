@@ -22,6 +22,18 @@ def test_voxelwise_denoiser_is_reproduced_exactly_with_shifted_windows(batch_siz
         assert torch.allclose(windows(x, sigma, cond=cond), _voxelwise(x, sigma, cond), atol=1e-5)
 
 
+def test_an_axis_shorter_than_the_window_is_not_padded():
+    """A slab thinner than the window is one window on that axis, so the denoiser sees the volume's own edges
+    and the result equals the whole-volume call. The stand-in denoiser depends on its whole input (its mean),
+    as a network's receptive field does; MONAI would have padded the window with zeros."""
+    def context_dependent(x, sigma, cond=None):
+        return x - x.mean(dim=(2, 3, 4), keepdim=True) + cond
+
+    x, cond, sigma = torch.randn(1, 1, 16, 16, 8) + 1, torch.rand(1, 1, 16, 16, 8), torch.tensor([1.0])
+    windows = SlidingWindowDenoiser(context_dependent, (16, 16, 16))
+    assert torch.allclose(windows(x, sigma, cond=cond), context_dependent(x, sigma, cond), atol=1e-5)
+
+
 def test_grid_offsets_change_per_call_and_repeat_with_the_seed():
     first = SlidingWindowDenoiser(_voxelwise, (16, 16, 8), shift=True, seed=3)
     second = SlidingWindowDenoiser(_voxelwise, (16, 16, 8), shift=True, seed=3)
@@ -44,8 +56,8 @@ def test_module_samples_a_volume_larger_than_its_window_reproducibly():
 
 
 def test_window_weights_are_gaussian_without_a_floor():
-    weights = SlidingWindowDenoiser(_voxelwise, (32, 32, 32))._weights(torch.device("cpu"))
+    weights = SlidingWindowDenoiser(_voxelwise, (32, 32, 32))._weights((32, 32, 32), torch.device("cpu"))
     assert weights.shape == (1, 1, 32, 32, 32)
     assert weights.max() <= 1 and weights[0, 0, 0, 0, 0] < 1e-9  # MONAI would clamp this corner to 1e-3
     assert torch.allclose(weights, weights.flip(2).flip(3).flip(4))
-    assert SlidingWindowDenoiser(_voxelwise, (32, 32, 32), mode="constant")._weights(torch.device("cpu")) is None
+    assert SlidingWindowDenoiser(_voxelwise, (32, 32, 32), mode="constant")._weights((32, 32, 32), torch.device("cpu")) is None

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from medidiff.core.guidance import Hook
 from medidiff.lit.base import PlainTrainingBatches, crop, net_config, pad_to_multiple
 from medidiff.lit.image import ImageConventions, KSpaceMeasurement, LowResMeasurement
-from medidiff.sliding import gaussian_window_weights
+from medidiff.sliding import fitted_roi, gaussian_window_weights
 
 
 class ImageRegressor(ImageConventions, PlainTrainingBatches, L.LightningModule):
@@ -77,8 +77,9 @@ class ImageRegressor(ImageConventions, PlainTrainingBatches, L.LightningModule):
         """The restored images ``(B, C, *spatial)`` in ``[0, 1]``; sampling options are accepted and ignored,
         so file-level inference treats regressors and diffusion models alike."""
         if patch_size and any(s > p for s, p in zip(cond.shape[2:], patch_size)):
-            estimate = sliding_window_inference(cond, list(patch_size), 4, self, overlap=0.25, mode="gaussian",
-                                                roi_weight_map=gaussian_window_weights(patch_size, device=cond.device))
+            roi = fitted_roi(patch_size, cond.shape[2:])
+            estimate = sliding_window_inference(cond, roi, 4, self, overlap=0.25, mode="gaussian",
+                                                roi_weight_map=gaussian_window_weights(roi, device=cond.device))
         else:
             estimate = self(cond)
         if hook is not None:
