@@ -153,8 +153,10 @@ def main() -> None:
     table = markdown(rows, args.dataset, command, args.seed)
     machine = (f"{os.cpu_count()}-core {platform.machine()} CPU ({args.threads} torch thread), "
                f"torch {torch.__version__}")
-    footer = (f"\n\n{len(list(dirs[0].iterdir()))} {args.split} pairs of harvard_{args.dataset}; prior trained "
-              f"{train_seconds / 60:.1f} min ({checkpoint}); machine: {machine}")
+    steps = torch.load(checkpoint, map_location="cpu", weights_only=True).get("global_step")
+    trained = f"trained {train_seconds / 60:.1f} min here" if not args.ckpt else "trained separately"
+    footer = (f"\n\n{len(list(dirs[0].iterdir()))} {args.split} pairs of harvard_{args.dataset}; prior {trained}, "
+              f"{steps} steps ({checkpoint}); machine: {machine}")
     print(table + footer)
     out = REPO / "benchmarks/results"
     out.mkdir(parents=True, exist_ok=True)
