@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -105,7 +106,12 @@ def worker(size: int, roi: int, steps: int, seed: int, shift: bool) -> dict:
 def run_worker(size: int, args: argparse.Namespace, shift: bool) -> dict:
     command = [sys.executable, __file__, "--worker", str(size), "--roi", str(args.roi), "--steps", str(args.steps),
                "--seed", str(args.seed)] + (["--shift"] if shift else [])
-    result = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.mmap_threshold:
+        # glibc serves allocations above this size by mmap and unmaps them on free: freed volume-sized tensors
+        # leave no holes in the heap, so peak RSS follows the live tensors instead of the heap's fragmentation
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode:
         raise SystemExit(f"size {size} failed:\n{result.stderr[-2000:]}")
     row = json.loads(result.stdout.strip().splitlines()[-1])
@@ -120,6 +126,8 @@ def main() -> None:
     parser.add_argument("--roi", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
+                        help="run the workers with glibc's MALLOC_MMAP_THRESHOLD_ (e.g. 1048576); 0: the default")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--shift", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,7 +139,8 @@ def main() -> None:
     shifted = run_worker(args.seam_size, args, shift=True)
     first = rows[0]
     print(f"\nSliding-window sampling, roi {args.roi}^3, overlap 0.25, 1 window per call, dpmpp_2m {args.steps} NFE, "
-          f"seed {args.seed}, fixed window grid (the default)")
+          f"seed {args.seed}, fixed window grid (the default), "
+          f"{'MALLOC_MMAP_THRESHOLD_=' + str(args.mmap_threshold) if args.mmap_threshold else 'default glibc malloc'}")
     print(f"{'volume':>8s} {'peak RSS':>9s} {'vs first':>9s} {'above idle':>11s} {'time':>8s} {'us/voxel/NFE':>13s}")
     for r in rows:
         print(f"{r['size']:>6d}^3 {r['peak_mb']:7.0f} MB {r['peak_mb'] / first['peak_mb']:8.2f}x "

@@ -114,3 +114,18 @@ def test_windowed_regression_of_a_large_input_matches_the_whole_input_pass_for_a
     cond = torch.rand(1, 1, 40, 36) * 2 - 1
     windowed = module.estimate(cond, patch_size=(16, 16))
     assert torch.allclose(windowed, module.estimate(cond), atol=1e-5)
+
+
+def test_unet_segmenter_window_on_a_thin_volume_is_the_volume_itself():
+    """Axes shorter than roi_size are one window (padded only to what the network divides, by replication):
+    the windowed result equals the network on the whole volume, where MONAI would have added zeros."""
+    from medidiff.lit import UNetSegmenter
+    from medidiff.lit.base import crop, pad_to_multiple
+
+    net = PlainUNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=1)
+    module = UNetSegmenter(net=net, num_classes=3, roi_size=[16, 16, 16]).eval()
+    volume = torch.rand(1, 1, 12, 10, 7, generator=torch.Generator().manual_seed(0))
+    padded, pad = pad_to_multiple(volume, 2)
+    with torch.no_grad():
+        expected = crop(net(padded), pad).softmax(1)
+        assert torch.allclose(module.predict_probabilities(volume)[0], expected, atol=1e-5)

@@ -7,6 +7,7 @@ after 8 CPU minutes).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import lightning as L
@@ -15,8 +16,9 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
-from medidiff.lit.base import PlainTrainingBatches, net_config
+from medidiff.lit.base import PlainTrainingBatches, crop, net_config, pad_to_multiple
 from medidiff.lit.segmentation import SegmentationOutputs
+from medidiff.sliding import fitted_roi
 
 
 class UNetSegmenter(SegmentationOutputs, PlainTrainingBatches, L.LightningModule):
@@ -57,8 +59,12 @@ class UNetSegmenter(SegmentationOutputs, PlainTrainingBatches, L.LightningModule
     def predict_probabilities(self, cond: Tensor, **ignored: Any) -> Tensor:
         """Class probabilities ``(1, B, C, *spatial)``, shaped like one diffusion ensemble member."""
         roi = self.hparams.roi_size
-        logits = sliding_window_inference(cond, roi, 8, self.net, overlap=0.25) if roi else self.net(cond)
-        return self._probabilities(logits)[None]
+        if not roi:
+            return self._probabilities(self.net(cond))[None]
+        # windows no larger than the volume (as the diffusion models'), whose sizes the network must divide
+        padded, pad = pad_to_multiple(cond, math.prod(getattr(self.net, "config", {}).get("strides", [1])))
+        logits = sliding_window_inference(padded, fitted_roi(roi, padded.shape[2:]), 8, self.net, overlap=0.25)
+        return self._probabilities(crop(logits, pad))[None]
 
     def _probabilities(self, logits: Tensor) -> Tensor:
         probability = logits.float().softmax(1)
