@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medidiff import io  # noqa: E402
-from medidiff.checkpoint import load_module  # noqa: E402
+from medidiff.checkpoint import load_module, read_checkpoint  # noqa: E402
 from medidiff.cli import main as medidiff_main  # noqa: E402
 from medidiff.data.cards import load_card  # noqa: E402
 from medidiff.fusion_infer import fusion_infer  # noqa: E402
@@ -153,7 +153,7 @@ def main() -> None:
     table = markdown(rows, args.dataset, command, args.seed)
     machine = (f"{os.cpu_count()}-core {platform.machine()} CPU ({args.threads} torch thread), "
                f"torch {torch.__version__}")
-    steps = torch.load(checkpoint, map_location="cpu", weights_only=True).get("global_step")
+    steps = read_checkpoint(checkpoint).get("global_step")
     trained = f"trained {train_seconds / 60:.1f} min here" if not args.ckpt else "trained separately"
     footer = (f"\n\n{len(list(dirs[0].iterdir()))} {args.split} pairs of harvard_{args.dataset}; prior {trained}, "
               f"{steps} steps ({checkpoint}); machine: {machine}")

@@ -62,13 +62,9 @@ class SlidingWindowDenoiser:
             level = sigma[:1].expand(window.shape[0])
             return self.denoiser(window, level, cond=condition)
 
-        roi = fitted_roi(self.roi_size, x.shape[2:])
-        stitched = sliding_window_inference(x, roi, self.batch_size, predict, overlap=self.overlap,
-                                            mode=self.mode, roi_weight_map=self._weights(roi, x.device), **extra)
+        stitched = window_inference(x, self.roi_size, self.batch_size, predict, overlap=self.overlap,
+                                    mode=self.mode, sigma_scale=self.sigma_scale, **extra)
         return stitched[(slice(None), slice(None)) + tuple(slice(o, None) for o in offsets)]
-
-    def _weights(self, roi: Sequence[int], device: torch.device) -> Tensor | None:
-        return gaussian_window_weights(roi, self.sigma_scale, device) if self.mode == "gaussian" else None
 
     def _offsets(self, spatial: Sequence[int]) -> list[int]:
         """Per-axis shift of the window grid; none on axes that fit in one window."""
@@ -76,6 +72,23 @@ class SlidingWindowDenoiser:
             return [0] * len(spatial)
         strides = [max(int(r * (1 - self.overlap)), 1) if s > r else 1 for s, r in zip(spatial, self.roi_size)]
         return [int(torch.randint(0, stride, (1,), generator=self.generator)) for stride in strides]
+
+
+def window_inference(inputs: Tensor, roi_size: Sequence[int], batch_size: int, predictor: Callable[..., Tensor],
+                     *, overlap: float = 0.25, mode: str = "gaussian", sigma_scale: float = 0.125,
+                     **kwargs: Tensor) -> Tensor:
+    """MONAI's ``sliding_window_inference`` as every medidiff model windows: windows no larger than the volume
+    (:func:`fitted_roi`) and, for ``mode="gaussian"``, the floorless weights of :func:`window_weights`.
+    ``kwargs`` are windowed beside the input (MONAI's ``condition=``)."""
+    roi = fitted_roi(roi_size, inputs.shape[2:])
+    return sliding_window_inference(inputs, roi, batch_size, predictor, overlap=overlap, mode=mode,
+                                    roi_weight_map=window_weights(roi, mode, sigma_scale, inputs.device), **kwargs)
+
+
+def window_weights(roi_size: Sequence[int], mode: str, sigma_scale: float = 0.125,
+                   device: torch.device | None = None) -> Tensor | None:
+    """Weights to pass MONAI for ``mode``: :func:`gaussian_window_weights`, or None (MONAI's own) otherwise."""
+    return gaussian_window_weights(roi_size, sigma_scale, device) if mode == "gaussian" else None
 
 
 def fitted_roi(roi_size: Sequence[int], spatial: Sequence[int]) -> tuple[int, ...]:

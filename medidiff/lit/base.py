@@ -322,6 +322,11 @@ def pad_to_multiple(x: Tensor, multiple: int) -> tuple[Tensor, list[int]]:
     return F.pad(x, pad, mode="replicate"), pad
 
 
+def stride_multiple(net: nn.Module) -> int:
+    """Spatial sizes a plain network (``config["strides"]``, e.g. MONAI ``UNet``) takes are multiples of this."""
+    return math.prod(getattr(net, "config", {}).get("strides", [1]))
+
+
 def crop(x: Tensor, pad: list[int]) -> Tensor:
     """Undo :func:`pad_to_multiple`."""
     return x[(slice(None), slice(None)) + _inner_slices(x, pad)] if any(pad) else x

@@ -7,18 +7,16 @@ after 8 CPU minutes).
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import lightning as L
 import torch
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
-from medidiff.lit.base import PlainTrainingBatches, crop, net_config, pad_to_multiple
+from medidiff.lit.base import PlainTrainingBatches, crop, net_config, pad_to_multiple, stride_multiple
 from medidiff.lit.segmentation import SegmentationOutputs
-from medidiff.sliding import fitted_roi
+from medidiff.sliding import window_inference
 
 
 class UNetSegmenter(SegmentationOutputs, PlainTrainingBatches, L.LightningModule):
@@ -62,8 +60,8 @@ class UNetSegmenter(SegmentationOutputs, PlainTrainingBatches, L.LightningModule
         if not roi:
             return self._probabilities(self.net(cond))[None]
         # windows no larger than the volume (as the diffusion models'), whose sizes the network must divide
-        padded, pad = pad_to_multiple(cond, math.prod(getattr(self.net, "config", {}).get("strides", [1])))
-        logits = sliding_window_inference(padded, fitted_roi(roi, padded.shape[2:]), 8, self.net, overlap=0.25)
+        padded, pad = pad_to_multiple(cond, stride_multiple(self.net))
+        logits = window_inference(padded, roi, 8, self.net, mode="constant")
         return self._probabilities(crop(logits, pad))[None]
 
     def _probabilities(self, logits: Tensor) -> Tensor:

@@ -9,19 +9,17 @@ what the generative prior adds.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal, Sequence
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from torch import Tensor, nn
 
 from medidiff.core.guidance import Hook
-from medidiff.lit.base import PlainTrainingBatches, crop, net_config, pad_to_multiple
+from medidiff.lit.base import PlainTrainingBatches, crop, net_config, pad_to_multiple, stride_multiple
 from medidiff.lit.image import ImageConventions, KSpaceMeasurement, LowResMeasurement
-from medidiff.sliding import fitted_roi, gaussian_window_weights
+from medidiff.sliding import window_inference
 
 
 class ImageRegressor(ImageConventions, PlainTrainingBatches, L.LightningModule):
@@ -53,7 +51,7 @@ class ImageRegressor(ImageConventions, PlainTrainingBatches, L.LightningModule):
     def forward(self, cond: Tensor) -> Tensor:
         """The clean estimate in ``[-1, 1]``: the condition plus a learnt residual (any input size: padded to
         what the network's down-samplings take, cropped back)."""
-        padded, pad = pad_to_multiple(cond, math.prod(getattr(self.net, "config", {}).get("strides", [1])))
+        padded, pad = pad_to_multiple(cond, stride_multiple(self.net))
         return cond + crop(self.net(padded), pad)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -77,9 +75,7 @@ class ImageRegressor(ImageConventions, PlainTrainingBatches, L.LightningModule):
         """The restored images ``(B, C, *spatial)`` in ``[0, 1]``; sampling options are accepted and ignored,
         so file-level inference treats regressors and diffusion models alike."""
         if patch_size and any(s > p for s, p in zip(cond.shape[2:], patch_size)):
-            roi = fitted_roi(patch_size, cond.shape[2:])
-            estimate = sliding_window_inference(cond, roi, 4, self, overlap=0.25, mode="gaussian",
-                                                roi_weight_map=gaussian_window_weights(roi, device=cond.device))
+            estimate = window_inference(cond, patch_size, 4, self)
         else:
             estimate = self(cond)
         if hook is not None:
