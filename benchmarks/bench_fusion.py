@@ -6,7 +6,7 @@
 
 1. trains the unconditional prior with ``medidiff fit --config configs/fusion/harvard_<dataset>_2d.yaml``
    under a wall-clock budget (skipped with ``--ckpt``);
-2. fuses every test pair of the card, file to file, with :func:`medidiff.fusion_infer.fusion_infer`
+2. fuses every test pair of the card, file to file, with :func:`medidiff.inference.infer`
    (the code behind ``medidiff infer --task fusion``): average, max-abs, Laplacian pyramid, then diffusion
    fusion (dpmpp_2m, one network call per step) at each NFE;
 3. scores each output folder with :func:`medidiff.metrics.evaluate.evaluate_fusion` (``medidiff evaluate``)
@@ -35,8 +35,7 @@ from medidiff import io  # noqa: E402
 from medidiff.checkpoint import load_module, read_checkpoint  # noqa: E402
 from medidiff.cli import main as medidiff_main  # noqa: E402
 from medidiff.data.cards import load_card  # noqa: E402
-from medidiff.fusion_infer import fusion_infer  # noqa: E402
-from medidiff.inference import SamplingOptions  # noqa: E402
+from medidiff.inference import SamplingOptions, adapter_for, from_checkpoint, infer  # noqa: E402
 from medidiff.lit.fusion import LIKELIHOOD_OPTIONS  # noqa: E402
 from medidiff.metrics.evaluate import evaluate_fusion  # noqa: E402
 
@@ -68,11 +67,11 @@ def split_folders(dataset: str, split: str, root: Path, limit: int | None) -> tu
     return root / "source_a", root / "source_b"
 
 
-def run_method(name: str, dirs: tuple[Path, Path], out: Path, **kwargs) -> dict:
+def run_method(name: str, dirs: tuple[Path, Path], out: Path, adapter) -> dict:
     """Fuse all pairs with one method, evaluate, and return a table row."""
-    shutil.rmtree(out / name, ignore_errors=True)  # fusion_infer resumes; a rerun must not reuse old outputs
+    shutil.rmtree(out / name, ignore_errors=True)  # infer resumes; a rerun must not reuse old outputs
     start = time.perf_counter()
-    fusion_infer(dirs[0], dirs[1], out / name, report=lambda message: None, **kwargs)
+    infer(adapter, {"source_a": dirs[0], "source_b": dirs[1]}, out / name, report=lambda message: None)
     seconds = time.perf_counter() - start
     result = evaluate_fusion(out / name, dirs[0], dirs[1], out_json=out / f"{name}.json")
     pairs = len(result["cases"])
@@ -142,11 +141,12 @@ def main() -> None:
         module.hparams[name] = type(module.hparams[name])(value)
     dirs = split_folders(args.dataset, args.split, root, args.limit)
     results = root / "results"
-    rows = [run_method(name, dirs, results, method=name) for name in ("average", "max_abs", "laplacian")]
+    rows = [run_method(name, dirs, results, from_checkpoint("fusion", None, method=name))
+            for name in ("average", "max_abs", "laplacian")]
     for nfe in args.nfe:
         options = SamplingOptions(sampler="dpmpp_2m", steps=nfe, grid="exponential", seed=args.seed)
-        row = run_method(f"diffusion_nfe{nfe}", dirs, results, module=module, options=options,
-                         checkpoint=str(checkpoint))
+        adapter = adapter_for("fusion", module, module.contract, options, str(checkpoint))
+        row = run_method(f"diffusion_nfe{nfe}", dirs, results, adapter)
         rows.append({**row, "nfe": nfe, "seed": args.seed})
     rows.append({"method": "DDFM (published, Harvard)", **{m: DDFM.get(m) for m in METRICS},
                  "command": "published by Zhao et al., ICCV 2023"})

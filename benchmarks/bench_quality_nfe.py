@@ -33,13 +33,20 @@ import torch
 
 def load_cases(folder: Path, count: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """``(case, condition in the model's [-1, 1] space, reference in [0, 1] by the same window)``."""
-    from medidiff.inference_image import normalise
+    from monai.transforms import Compose
 
+    from medidiff.data.cards import InputSpec
+    from medidiff.data.transforms import standardise
+
+    spec = InputSpec(("T1",), ("T1",), {"method": "percentile", "lower": 0.5, "upper": 99.5})
+    normalise = Compose(standardise({"image": spec}, spatial_dims=3, resample=False, record_bounds=True))
     cases = []
     for path in sorted((folder / "zero_filled").glob("*.nii.gz"))[:count]:
         degraded = torch.from_numpy(nib.load(path).get_fdata(dtype=np.float32))[None]
         reference = torch.from_numpy(nib.load(folder / "reference" / path.name).get_fdata(dtype=np.float32))[None]
-        condition, (low, high) = normalise(degraded, {"method": "percentile", "lower": 0.5, "upper": 99.5})
+        prepared = normalise({"image": degraded})  # the normalisation of training and of `medidiff infer`
+        low, high = prepared["image_bounds"][0].tolist()
+        condition = torch.as_tensor(prepared["image"]).float()
         cases.append((path.name, condition * 2 - 1, ((reference - low) / (high - low)).clamp(0, 1)))
     return cases
 

@@ -19,7 +19,8 @@ import torch
 from medidiff.errors import MedidiffError
 
 ALLOWED_NETWORK_MODULES = ("medidiff.nets", "monai.networks.nets")
-SHARED_PREFIX = "denoiser.model."  # the same tensors as "net.*" (DiffusionModule.denoiser wraps self.net)
+SHARED_PREFIX = "denoiser.model."  # older checkpoints stored "net.*" twice, also under this prefix
+LEGACY_RECORD_KEYS = ("net_config", "task", "module")  # bookkeeping older checkpoints kept in hyper_parameters
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -61,6 +62,22 @@ def build_network(config: dict[str, Any], path: str | os.PathLike) -> torch.nn.M
         raise MedidiffError(f"network settings do not fit {class_path} ({str(err)[:300]})", path) from None
 
 
+def checkpoint_record(content: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """What the checkpoint says about itself: ``task``, ``module``, ``net_config`` and ``contract``.
+
+    Written by :meth:`medidiff.lit.base.MedidiffModule.on_save_checkpoint` under ``"medidiff"``; checkpoints
+    from before that kept the first three among the hyperparameters and had no contract.
+    """
+    record = content.get("medidiff")
+    if isinstance(record, dict):
+        return dict(record)
+    hparams = content["hyper_parameters"]
+    found = hparams.get("task")
+    # checkpoints written before the "module" key existed were all diffusion segmenters
+    module = hparams.get("module") or {"segmentation": "SegmentationDiffusion"}.get(found)
+    return {"task": found, "module": module, "net_config": hparams.get("net_config", {}), "contract": None}
+
+
 def load_module(path: str | os.PathLike, *, task: str | None = None, spatial_dims: int | None = None):
     """Rebuild a trained task module (in eval mode) and return it with the data module's settings.
 
@@ -70,38 +87,52 @@ def load_module(path: str | os.PathLike, *, task: str | None = None, spatial_dim
         spatial_dims: if given, the network must be of this dimension.
 
     Returns:
-        ``(module, data_hparams)``; ``data_hparams`` holds the card name, patch size etc. used in training.
+        ``(module, data_hparams)``; ``data_hparams`` holds the card name, patch size etc. used in training, and
+        ``module.contract`` the model-input contract (:mod:`medidiff.inference.contract`; rebuilt from the card
+        for checkpoints that predate contracts).
     """
     from medidiff.lit import MODULES
 
     content = read_checkpoint(path)
-    hparams = dict(content["hyper_parameters"])
-    found = hparams.pop("task", None)
-    # checkpoints written before the "module" key existed were all diffusion segmenters
-    module_name = hparams.pop("module", None) or {"segmentation": "SegmentationDiffusion"}.get(found)
+    record = checkpoint_record(content, path)
+    module_name = record.get("module")
     if module_name not in MODULES:
         raise MedidiffError(f"names no known medidiff module (module={module_name!r})", path)
-    if task is not None and found != task:
-        raise MedidiffError(f"is a {found} checkpoint, not a {task} one", path)
-    net = build_network(hparams.pop("net_config", {}), path)
+    if task is not None and record.get("task") != task:
+        raise MedidiffError(f"is a {record.get('task')} checkpoint, not a {task} one", path)
+    net = build_network(record.get("net_config", {}), path)
     if spatial_dims is not None and getattr(net, "spatial_dims", spatial_dims) != spatial_dims:
         raise MedidiffError(f"holds a {net.spatial_dims}D network but the input is {spatial_dims}D", path)
-    options = {k: v for k, v in hparams.items() if not k.startswith("_")}
+    options = {k: v for k, v in content["hyper_parameters"].items()
+               if not k.startswith("_") and k not in LEGACY_RECORD_KEYS}
     try:
         module = MODULES[module_name](net=net, **options)
     except (TypeError, ValueError) as err:  # a setting this version does not know, or a bad value
         raise MedidiffError(f"settings do not fit {module_name} in this medidiff version ({str(err)[:300]})",
                             path) from None
+    # the denoiser used to be stored beside the network: the very same weights, kept once now
+    state = {k: v for k, v in content["state_dict"].items() if not k.startswith(SHARED_PREFIX)}
     try:
-        missing, unexpected = module.load_state_dict(content["state_dict"], strict=False)
+        missing, unexpected = module.load_state_dict(state, strict=False)
     except RuntimeError as err:
         raise MedidiffError(f"weights do not fit the network they claim ({str(err)[:300]})", path) from None
-    # the denoiser wraps the very same network as `net`, so exported checkpoints store those weights once
-    missing = [k for k in missing if not k.startswith(SHARED_PREFIX)]
     if missing or unexpected:
         raise MedidiffError(f"weights do not fit the network they claim (missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]})", path)
-    return module.eval(), dict(content.get("datamodule_hyper_parameters", {}))
+    data_hparams = dict(content.get("datamodule_hyper_parameters", {}))
+    module.contract = record.get("contract") or _legacy_contract(data_hparams, module, path)
+    return module.eval(), data_hparams
+
+
+def _legacy_contract(data_hparams: dict[str, Any], module: Any, path: str | os.PathLike) -> dict[str, Any] | None:
+    from medidiff.inference.contract import legacy_contract
+
+    if "card" not in data_hparams:
+        return None
+    try:
+        return legacy_contract(data_hparams, module)
+    except MedidiffError as err:
+        raise MedidiffError(f"predates model-input contracts and its card cannot be found ({err})", path) from None
 
 
 def export(module, data_hparams: dict[str, Any], path: str | os.PathLike, half: bool = True) -> Path:
@@ -111,19 +142,11 @@ def export(module, data_hparams: dict[str, Any], path: str | os.PathLike, half: 
     them back to the module's float32 parameters, a relative change of about 1e-3 per weight).
     """
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise MedidiffError(f"cannot create the output folder ({err.strerror})", path.parent) from None
-    state = {k: v.half() if half and v.is_floating_point() else v for k, v in module.state_dict().items()
-             if not k.startswith(SHARED_PREFIX)}
-    content = {"state_dict": state, "hyper_parameters": dict(module.hparams),
+    state = {k: v.half() if half and v.is_floating_point() else v for k, v in module.state_dict().items()}
+    hparams = {k: v for k, v in module.hparams.items() if k not in LEGACY_RECORD_KEYS}
+    content = {"state_dict": state, "hyper_parameters": hparams, "medidiff": module.checkpoint_record(),
                "datamodule_hyper_parameters": dict(data_hparams)}
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        torch.save(content, temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)  # never leave half a checkpoint behind
-        raise
+    from medidiff.io import atomic_write
+
+    atomic_write(path, lambda temporary: torch.save(content, temporary))
     return path

@@ -9,6 +9,8 @@ from typing import Sequence
 from medidiff.errors import MedidiffError
 
 TASK_NAMES = ("segmentation", "restoration", "superres", "fusion")
+CLASSICAL_METHODS = ("average", "max_abs", "laplacian")
+ALLOW = ("intensity", "clipping", "modality", "degradation")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,13 +21,16 @@ def _parser() -> argparse.ArgumentParser:
     infer = sub.add_parser("infer", help="run a trained model on a scan or a folder of scans")
     infer.add_argument("--task", choices=TASK_NAMES, required=True)
     infer.add_argument("--ckpt", type=Path, default=None,
-                       help="checkpoint from `medidiff fit` or `export` (default: the shipped demo model of the "
-                            "task for the input's dimension)")
+                       help="checkpoint from `medidiff fit` or `export` (default: the shipped demo model that fits "
+                            "the input; fusion with a classical --method needs none)")
     infer.add_argument("--input", required=True, help="a scan, a DICOM series folder, or a folder of scans")
     infer.add_argument("--input-b", help="fusion: the second source (a file, or a folder paired by file name)")
     infer.add_argument("--output", type=Path, required=True, help="folder for the results")
+    infer.add_argument("--method", default="diffusion", choices=("diffusion", *CLASSICAL_METHODS),
+                       help="fusion: the diffusion prior (--ckpt) or a classical baseline")
     infer.add_argument("--sampler", default=None, help="sampler name (default: the checkpoint's)")
-    infer.add_argument("--steps", type=int, default=None, help="sampler steps (default: the checkpoint's)")
+    infer.add_argument("--steps", type=int, default=None,
+                       help="sampler steps (default: the checkpoint's, the count that scored best on validation)")
     infer.add_argument("--grid", default=None, choices=("karras", "exponential", "trailing", "leading", "linspace"))
     infer.add_argument("--ensemble", type=int, default=1, help="samples per case, drawn as one batch")
     infer.add_argument("--fusion", default="mean", choices=("mean", "vote", "staple"),
@@ -36,16 +41,25 @@ def _parser() -> argparse.ArgumentParser:
                        help="restoration: k-space sampling mask (NIfTI/PNG, 0/1 over the last two axes) of the input")
     infer.add_argument("--no-consistency", action="store_true",
                        help="restoration, superres: skip the data-consistency step (to measure what it adds)")
+    infer.add_argument("--channel", type=int, default=None,
+                       help="take this channel of a multi-channel file where the model takes one")
+    infer.add_argument("--luma", action="store_true", help="take the luma of a colour file where the model takes one")
+    infer.add_argument("--allow", nargs="+", default=[], choices=ALLOW, metavar="CHECK",
+                       help=f"run on inputs that fail these checks against the training data: {', '.join(ALLOW)}")
 
     evaluate = sub.add_parser("evaluate", help="score predictions against references, file to file")
     evaluate.add_argument("--task", choices=TASK_NAMES, required=True)
-    evaluate.add_argument("--pred", type=Path, required=True)
-    evaluate.add_argument("--ref", type=Path, help="reference folder (segmentation, restoration, superres)")
-    evaluate.add_argument("--card", help="data card: label names, label remap and data range")
-    evaluate.add_argument("--region", type=Path, help="folder of region masks (e.g. DRIVE field of view)")
-    evaluate.add_argument("--source-a", type=Path, help="fusion: first source folder")
-    evaluate.add_argument("--source-b", type=Path, help="fusion: second source folder")
-    evaluate.add_argument("--data-range", type=float, default=None, help="image tasks: intensity range")
+    evaluate.add_argument("--pred", type=Path, help="a prediction file, or a folder of them")
+    evaluate.add_argument("--ref", type=Path, help="a reference file, or a folder (segmentation, restoration, superres)")
+    evaluate.add_argument("--pairs", type=Path,
+                          help="CSV with a header naming pred,ref[,region] (fusion pred,source_a,source_b) and one "
+                               "row per case, instead of folders paired by case name")
+    evaluate.add_argument("--card", help="data card of the references: label names and remap, intensity range")
+    evaluate.add_argument("--region", type=Path, help="region mask(s) (e.g. DRIVE field of view): file or folder")
+    evaluate.add_argument("--source-a", type=Path, help="fusion: first source (file or folder)")
+    evaluate.add_argument("--source-b", type=Path, help="fusion: second source (file or folder)")
+    evaluate.add_argument("--data-range", type=float, default=None,
+                          help="image tasks: intensity range (default: the card's window, else each reference's range)")
     evaluate.add_argument("--out", type=Path, required=True, help="JSON file with per-case rows and a summary")
 
     demo = sub.add_parser("demo", help="run every task's shipped model on the shipped sample scans")
@@ -83,75 +97,88 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _infer(args: argparse.Namespace) -> None:
-    import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from medidiff.inference import InputOptions, from_checkpoint, infer
 
-    from medidiff.checkpoint import load_module
-    from medidiff.inference import SamplingOptions, infer
-
-    _check_sampling_options(args)
-    if args.no_consistency and args.task not in ("restoration", "superres"):
-        raise MedidiffError(f"--no-consistency applies to restoration and superres, not {args.task}")
-    if args.ckpt is None:
-        args.ckpt = shipped_checkpoint(args.task, args.input)
-    if args.task == "fusion":
-        from medidiff.fusion_infer import infer_command
-
-        return infer_command(args)
-    module, data_hparams = load_module(args.ckpt, task=args.task)
-    module.to(torch.device(args.device))
-    hp = module.hparams
-    # deterministic baselines have no sampler settings: SamplingOptions' defaults only fill the record
-    defaults = SamplingOptions()
-    options = SamplingOptions(sampler=args.sampler or hp.get("sampler", defaults.sampler),
-                              steps=args.steps or hp.get("steps", defaults.steps),
-                              grid=args.grid or hp.get("grid", defaults.grid), ensemble=args.ensemble,
-                              seed=args.seed, fusion=args.fusion)
-    if args.task in ("restoration", "superres"):
-        from medidiff.inference_image import infer_image
-
-        if args.no_consistency:
-            module.hparams.consistency = False
-
-        written = infer_image(module, data_hparams, args.input, args.output, options, args.ckpt, mask_path=args.mask)
-        print(f"wrote {len(written)} files to {args.output}")
-        return
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn()) as bars:
-        def progress_factory(case: str):
-            bar = bars.add_task(f"{case}: sampling ({options.sampler}, {options.steps} steps, "
-                                f"ensemble {options.ensemble})", total=None)
-            return lambda done, total: bars.update(bar, completed=done, total=total)
-
-        written = infer(module, data_hparams, args.input, args.output, options, args.ckpt,
-                        report=bars.console.print, progress_factory=progress_factory)
+    _check_infer_options(args)
+    inputs = {"image": args.input} if args.task != "fusion" else {"source_a": args.input, "source_b": args.input_b}
+    options = InputOptions(allow=frozenset(args.allow), channel=args.channel, luma=args.luma)
+    if args.ckpt is None and not (args.task == "fusion" and args.method != "diffusion"):
+        args.ckpt = shipped_checkpoint(args.task, inputs, options)
+    task_options = {"mask": args.mask} if args.task == "restoration" else {}
+    task_options |= {"method": args.method} if args.task == "fusion" else {}
+    adapter = from_checkpoint(args.task, args.ckpt, device=args.device, sampler=args.sampler, steps=args.steps,
+                              grid=args.grid, ensemble=args.ensemble, seed=args.seed, fusion=args.fusion,
+                              consistency=not args.no_consistency, **task_options)
+    _check_degradation(adapter, args)
+    with _progress_bars() as (factory, console):
+        written = infer(adapter, inputs, args.output, options=options, report=console, progress_factory=factory)
     print(f"wrote {len(written)} files to {args.output}")
 
 
-# the models `medidiff demo` runs, trained on the shipped sample (medidiff/weights, tasks/train_demo_models.sh)
-SHIPPED = {("segmentation", 2): "segmentation_mni_2d", ("segmentation", 3): "segmentation_ct_3d",
-           ("restoration", 2): "restoration_mni_2d", ("restoration", 3): "restoration_mni_2d",
-           ("superres", 3): "superres_ct_3d", ("fusion", 2): "fusion_mni_2d", ("fusion", 3): "fusion_mni_2d"}
+def _check_degradation(adapter, args: argparse.Namespace) -> None:
+    """A k-space model needs the sampling mask; a mask means nothing to a model trained on other degradations."""
+    if args.task != "restoration" or "degradation" in args.allow:
+        return
+    trained = adapter.contract.get("degradation") or {}
+    if "kspace" in trained and args.mask is None:
+        raise MedidiffError(f"the model reconstructs k-space-undersampled images (trained on {trained}); give the "
+                            "sampling mask with --mask, or run it anyway with --allow degradation", args.ckpt)
+    if "kspace" not in trained and args.mask is not None:
+        raise MedidiffError(f"--mask is for models trained on k-space undersampling; this one was trained on "
+                            f"{trained or 'an unrecorded degradation'} (run it anyway with --allow degradation)",
+                            args.ckpt)
 
 
-def shipped_checkpoint(task: str, input_path: str) -> Path:
-    """The shipped demo model for a task and the input's spatial dimension (2D models run slice by slice)."""
-    from medidiff import io
+def _progress_bars():
+    import contextlib
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    @contextlib.contextmanager
+    def bars():
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn()) as progress:
+            def factory(case: str):
+                bar = progress.add_task(f"{case}: sampling", total=None)
+                return lambda done, total: progress.update(bar, completed=done, total=total)
+
+            yield factory, progress.console.print
+
+    return bars()
+
+
+# the models `medidiff demo` runs, trained on the shipped sample (medidiff/weights, tasks/train_demo_models.sh),
+# in the order tried when no --ckpt is given: the first whose contract accepts the input is used
+SHIPPED = {"segmentation": ("segmentation_mni_2d", "segmentation_ct_3d"), "restoration": ("restoration_mni_2d",),
+           "superres": ("superres_ct_3d",), "fusion": ("fusion_mni_2d",)}
+
+
+def shipped_checkpoint(task: str, inputs: dict[str, str], options) -> Path:
+    """The first shipped demo model of ``task`` that takes the first input; says what it was trained on."""
+    from medidiff.checkpoint import load_module
     from medidiff.demo import weights
-    from medidiff.inference import list_inputs
+    from medidiff.inference.contract import describe
+    from medidiff.inference.pipeline import list_cases, read_source
 
-    first = list_inputs(input_path)[0]
-    dims = 3 if first.is_dir() else io.read(first).ndim - 1
-    name = SHIPPED.get((task, dims))
-    if name is None:
-        raise MedidiffError(f"no shipped {task} model for {dims}D inputs; give one with --ckpt", first)
-    print(f"no --ckpt given: using the shipped demo model {name} (trained for minutes on the sample data; "
-          f"train your own for research, see the README)")
-    return weights(name)
+    case = list_cases(inputs)[0]
+    refusals = []
+    for name in SHIPPED[task]:
+        contract = load_module(weights(name), task=task)[0].contract
+        try:
+            for role, path in case.sources.items():
+                read_source(path, role, contract, task, options)
+        except MedidiffError as refusal:
+            refusals.append(f"{name}: {refusal}")
+            continue
+        print(f"no --ckpt given: using the shipped demo model {name}, {describe(contract)}. It was trained for "
+              "minutes on a small sample: fine for trying the commands, not for research (see the README)")
+        return weights(name)
+    raise MedidiffError(f"no shipped {task} model takes this input; train one on your data (README: 'Your own "
+                        f"data') and give it with --ckpt. {' | '.join(refusals)}")
 
 
-def _check_sampling_options(args: argparse.Namespace) -> None:
-    """Refuse bad sampling options before any model is loaded or file written."""
+def _check_infer_options(args: argparse.Namespace) -> None:
+    """Refuse bad options before any model is loaded or file written."""
     import torch
 
     from medidiff.core import SAMPLERS
@@ -162,6 +189,16 @@ def _check_sampling_options(args: argparse.Namespace) -> None:
         value = getattr(args, option)
         if value is not None and value < 1:
             raise MedidiffError(f"--{option} must be at least 1, got {value}")
+    if not 0 <= args.seed < 2**63:
+        raise MedidiffError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    if args.no_consistency and args.task not in ("restoration", "superres"):
+        raise MedidiffError(f"--no-consistency applies to restoration and superres, not {args.task}")
+    if args.task == "fusion" and not args.input_b:
+        raise MedidiffError("fusion needs two sources: --input (source A) and --input-b (source B)")
+    if args.task != "fusion" and (args.input_b or args.method != "diffusion"):
+        raise MedidiffError(f"--input-b and --method apply to fusion, not {args.task}")
+    if args.mask is not None and args.task != "restoration":
+        raise MedidiffError(f"--mask applies to restoration, not {args.task}")
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -173,24 +210,29 @@ def _check_sampling_options(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from medidiff.metrics import evaluate as E
 
+    if args.pairs is None and args.pred is None:
+        raise MedidiffError("give the predictions with --pred (a file or folder) or a --pairs file")
     if args.task == "fusion":
-        if not (args.source_a and args.source_b):
-            raise MedidiffError("fusion evaluation needs --source-a and --source-b")
-        result = E.evaluate_fusion(args.pred, args.source_a, args.source_b, out_json=args.out)
-    elif args.ref is None:
-        raise MedidiffError(f"{args.task} evaluation needs --ref")
+        if args.pairs is None and not (args.source_a and args.source_b):
+            raise MedidiffError("fusion evaluation needs --source-a and --source-b (or a --pairs file)")
+        result = E.evaluate_fusion(args.pred, args.source_a, args.source_b, out_json=args.out, pairs=args.pairs)
+    elif args.ref is None and args.pairs is None:
+        raise MedidiffError(f"{args.task} evaluation needs --ref (or a --pairs file)")
     elif args.task == "segmentation":
         labels, remap = _card_labels(args.card)
         result = E.evaluate_segmentation(args.pred, args.ref, labels=labels, region_dir=args.region,
-                                         label_remap=remap, out_json=args.out)
+                                         label_remap=remap, pred_labels=E.prediction_labels(args.pred),
+                                         pairs=args.pairs, out_json=args.out)
     else:
-        result = E.evaluate_image(args.pred, args.ref, data_range=args.data_range or 1.0, out_json=args.out)
+        data_range = args.data_range if args.data_range is not None else _card_range(args.card)
+        result = E.evaluate_image(args.pred, args.ref, data_range=data_range, pairs=args.pairs, out_json=args.out)
     for metric, stats in result["summary"].items():
         print(f"{metric:24s} mean {stats['mean']:.4f}  std {stats['std']:.4f}  n {stats['n']}")
     print(f"per-case results: {args.out}")
 
 
 def _card_labels(card_name: str | None) -> tuple[dict[str, int] | None, dict[int, int] | None]:
+    """Foreground classes of the references and the remap of their stored values, from the card."""
     if card_name is None:
         return None, None
     from medidiff.data.cards import load_card
@@ -199,6 +241,16 @@ def _card_labels(card_name: str | None) -> tuple[dict[str, int] | None, dict[int
     # foreground classes only: a background Dice near 1 would inflate every mean
     foreground = {name: value for name, value in card.labels.items() if value != 0}
     return foreground, dict(card.label_remap) if card.label_remap else None
+
+
+def _card_range(card_name: str | None) -> float | None:
+    """The intensity range of the card's image scale: its window's width (None for percentile cards)."""
+    if card_name is None:
+        return None
+    from medidiff.data.cards import load_card
+
+    norm = load_card(card_name, check_files=False).inputs["image"].normalise
+    return float(norm["high"]) - float(norm["low"]) if norm["method"] == "window" else None
 
 
 def _export(args: argparse.Namespace) -> None:

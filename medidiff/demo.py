@@ -20,14 +20,20 @@ from medidiff import io
 from medidiff.checkpoint import load_module
 from medidiff.core.operators import kspace_mask, undersample
 from medidiff.errors import MedidiffError
-from medidiff.inference import SamplingOptions, infer
-from medidiff.inference_image import infer_image
+from medidiff.inference import SamplingOptions, adapter_for, infer
 from medidiff.metrics import evaluate as E
 from medidiff.report import markdown_table, middle_slice, panel
 
 SAMPLES = Path(str(resources.files("medidiff") / "sample_data"))
 WEIGHTS = Path(str(resources.files("medidiff") / "weights"))
 HELD_OUT_SLAB = (58, 70)  # axial slices of the 2 mm MNI sample never seen in training (see its card)
+
+
+def _run(task: str, name: str, inputs: dict, out: Path, options: SamplingOptions, log, **task_options) -> None:
+    """``medidiff infer`` on a shipped model, with the demo's fixed sampling options."""
+    module, _ = load_module(weights(name), task=task)
+    infer(adapter_for(task, module, module.contract, options, str(weights(name)), **task_options), inputs, out,
+          report=log)
 
 
 def weights(name: str) -> Path:
@@ -53,8 +59,7 @@ def segmentation_2d(out: Path, options: SamplingOptions, log: Callable[[str], No
     inputs, refs, pred = out / "inputs" / "seg2d", out / "refs" / "seg2d", out / "segmentation_2d"
     scan = _slab(SAMPLES / "mni152/t1_2mm.nii.gz", inputs / "mni.nii.gz")
     _slab(SAMPLES / "mni152/tissue_2mm.nii.gz", refs / "mni.nii.gz")
-    module, data = load_module(weights("segmentation_mni_2d"), task="segmentation")
-    infer(module, data, inputs, pred, options, weights("segmentation_mni_2d"), report=log)
+    _run("segmentation", "segmentation_mni_2d", {"image": inputs}, pred, options, log)
     result = E.evaluate_segmentation(pred, refs, labels={"grey_matter": 1, "white_matter": 2},
                                      out_json=out / "metrics" / "segmentation_2d.json")
     label, entropy = _volume(pred / "mni.nii.gz"), _volume(pred / "entropy" / "mni.nii.gz")
@@ -71,8 +76,7 @@ def segmentation_3d(out: Path, options: SamplingOptions, log: Callable[[str], No
     scan = inputs / "ct_b.nii.gz"
     nib.save(nib.load(SAMPLES / "totalseg_ct/ct_b.nii.gz"), scan)
     nib.save(nib.load(SAMPLES / "totalseg_ct/seg_b.nii.gz"), refs / "ct_b.nii.gz")
-    module, data = load_module(weights("segmentation_ct_3d"), task="segmentation")
-    infer(module, data, inputs, pred, options, weights("segmentation_ct_3d"), report=log)
+    _run("segmentation", "segmentation_ct_3d", {"image": inputs}, pred, options, log)
     from medidiff.data.cards import load_card
 
     card = load_card("sample_ct", check_files=False)
@@ -100,9 +104,8 @@ def restoration(out: Path, options: SamplingOptions, log: Callable[[str], None])
     nib.save(nib.Nifti1Image(degraded.astype(np.float32), clean.affine), inputs / "mni.nii.gz")
     mask_path = out / "inputs" / "recon_mask.nii.gz"
     nib.save(nib.Nifti1Image(mask.numpy().astype(np.uint8), np.eye(4)), mask_path)
-    module, data = load_module(weights("restoration_mni_2d"), task="restoration")
     pred = out / "restoration"
-    infer_image(module, data, inputs, pred, options, weights("restoration_mni_2d"), mask_path=mask_path, report=log)
+    _run("restoration", "restoration_mni_2d", {"image": inputs}, pred, options, log, mask=mask_path)
     result = E.evaluate_image(pred, clean_path.parent, data_range=255.0, out_json=out / "metrics" / "restoration.json")
     baseline = E.evaluate_image(inputs, clean_path.parent, data_range=255.0)
     views = [middle_slice(a) for a in (degraded, _volume(pred / "mni.nii.gz"), _volume(clean_path))]
@@ -120,7 +123,7 @@ def superres(out: Path, options: SamplingOptions, log: Callable[[str], None]) ->
     hr_path.parent.mkdir(parents=True, exist_ok=True)
     hr = nib.load(SAMPLES / "totalseg_ct/ct_b.nii.gz")
     nib.save(hr, hr_path)
-    module, data = load_module(weights("superres_ct_3d"), task="superres")
+    module, _ = load_module(weights("superres_ct_3d"), task="superres")
     factors = [int(f) for f in module.hparams.factors]
     from medidiff.core.operators import downsample
 
@@ -130,7 +133,7 @@ def superres(out: Path, options: SamplingOptions, log: Callable[[str], None]) ->
     low_affine = io.respaced_affine(hr.affine, tuple(float(z) * f for z, f in zip(hr.header.get_zooms(), factors)))
     nib.save(nib.Nifti1Image(low, low_affine), inputs / "ct_b.nii.gz")
     pred = out / "superres"
-    infer_image(module, data, inputs, pred, options, weights("superres_ct_3d"), report=log)
+    _run("superres", "superres_ct_3d", {"image": inputs}, pred, options, log)
     result = E.evaluate_image(pred, hr_path.parent, data_range=2000.0, out_json=out / "metrics" / "superres.json")
     interpolated = torch.nn.functional.interpolate(torch.from_numpy(low)[None, None], scale_factor=factors,
                                                    mode="trilinear")[0, 0].numpy()
@@ -151,7 +154,7 @@ def superres(out: Path, options: SamplingOptions, log: Callable[[str], None]) ->
 def fusion(out: Path, options: SamplingOptions, log: Callable[[str], None]) -> dict:
     from PIL import Image
 
-    from medidiff.fusion_infer import fusion_infer
+    from medidiff.inference import from_checkpoint
 
     cases = ["124", "132"]  # the sample card's test pairs (MNI T1 + simulated PET)
     folders = {kind: out / "inputs" / "fusion" / kind for kind in ("mri", "pet")}
@@ -159,11 +162,10 @@ def fusion(out: Path, options: SamplingOptions, log: Callable[[str], None]) -> d
         folder.mkdir(parents=True, exist_ok=True)
         for case in cases:
             Image.open(SAMPLES / "fusion" / kind / f"{case}.png").save(folder / f"{case}.png")
-    module, _ = load_module(weights("fusion_mni_2d"), task="fusion")
     pred, baseline_dir = out / "fusion", out / "baselines" / "fusion_average"
-    fusion_infer(folders["mri"], folders["pet"], pred, module=module, options=options,
-                 checkpoint=str(weights("fusion_mni_2d")), report=log)
-    fusion_infer(folders["mri"], folders["pet"], baseline_dir, method="average", report=log)
+    pair = {"source_a": folders["mri"], "source_b": folders["pet"]}
+    _run("fusion", "fusion_mni_2d", pair, pred, options, log)
+    infer(from_checkpoint("fusion", None, method="average"), pair, baseline_dir, report=log)
     result = E.evaluate_fusion(pred, folders["mri"], folders["pet"], out_json=out / "metrics" / "fusion.json")
     baseline = E.evaluate_fusion(baseline_dir, folders["mri"], folders["pet"])
     fused = next(p for p in sorted(pred.iterdir()) if p.suffix == ".png")

@@ -25,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from medidiff.errors import MedidiffError
 
-__all__ = ["read", "write", "write_png", "check_pair", "source_path"]
+__all__ = ["read", "write", "write_png", "write_json", "atomic_write", "check_pair", "source_path"]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_2D_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".bmp")
@@ -89,7 +89,7 @@ def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     elif name.endswith(NIFTI_SUFFIXES):
         decode = _read_nifti
     elif name.endswith(IMAGE_2D_SUFFIXES):
-        decode = lambda p: (_read_2d(p), np.eye(4), {})  # noqa: E731
+        decode = lambda p: (_read_2d(p), np.eye(4), {"spacing_known": False})  # noqa: E731
     elif name.endswith(ITK_SUFFIXES) or name.endswith(".dcm"):
         decode = lambda p: _read_itk(sitk.ReadImage(str(p)))  # noqa: E731
     else:
@@ -130,7 +130,8 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise MedidiffError(f"cannot be read, the file looks corrupt or truncated: its header claims "
                             f"{tuple(shape)} voxels of {dtype} ({claimed} bytes) but the file holds {size} bytes"
                             f"{' compressed' if compressed else ''}", path)
-    return np.asanyarray(img.dataobj), img.affine.astype(np.float64), {}
+    codes = {"qform_code": int(header["qform_code"]), "sform_code": int(header["sform_code"])}
+    return np.asanyarray(img.dataobj), img.affine.astype(np.float64), codes
 
 
 def _read_2d(path: Path) -> np.ndarray:
@@ -173,6 +174,15 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         extra["modality"] = reader.GetMetaData(0, "0008|0060").strip()
     extra["dicom_files"] = len(files)
     return array, affine, extra
+
+
+def is_dicom_folder(path: str | os.PathLike, probe: int = 8) -> bool:
+    """True for a folder whose files are DICOM (by the ``DICM`` preamble, whatever their names)."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    files = [p for p in sorted(path.iterdir()) if p.is_file() and not p.name.startswith(".")][:probe]
+    return any(_looks_like_dicom(p) for p in files)
 
 
 def _looks_like_dicom(path: Path) -> bool:
@@ -330,9 +340,10 @@ def write(
         affine = respaced_affine(affine, spacing)
     data = data.astype(np.float32) if not np.issubdtype(data.dtype, np.integer) else _small_int(data)
     image = nib.Nifti1Image(data, affine)
-    image.set_qform(affine, code=1)  # both forms, code "scanner", so ITK-based viewers agree
-    image.set_sform(affine, code=1)
-    _atomic_save(path, lambda tmp: nib.save(image, tmp))
+    qform_code, sform_code = _header_codes(reference)
+    image.set_qform(affine, code=qform_code)
+    image.set_sform(affine, code=sform_code)
+    atomic_write(path, lambda tmp: nib.save(image, tmp))
     return path
 
 
@@ -372,7 +383,7 @@ def write_png(array2d: torch.Tensor | np.ndarray, path: str | os.PathLike,
         data = np.clip((data.astype(np.float64) - lo) / max(hi - lo, 1e-12), 0, 1)
         data = np.round(np.nan_to_num(data) * 255).astype(np.uint8)
     path = Path(path)
-    _atomic_save(path, lambda tmp: Image.fromarray(data).save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: Image.fromarray(data).save(tmp, format="PNG"))
     return path
 
 
@@ -392,24 +403,25 @@ def respaced_affine(affine: np.ndarray, spacing: tuple[float, ...]) -> np.ndarra
     return out
 
 
-def check_pair(image: MetaTensor, label: MetaTensor, *, atol: float = 1e-3) -> None:
-    """Check that an image and its label map share one voxel grid.
+def check_pair(image: MetaTensor, label: MetaTensor, *, atol: float = 1e-3, what: str = "label") -> None:
+    """Check that an image and its label map (or a second source, ``what="source"``) share one voxel grid.
 
     Args:
         image: ``(C, *spatial)`` as returned by :func:`read`.
         label: ``(1, *spatial)``.
         atol: tolerance on affine entries, in mm.
+        what: what the second file is, for the message.
 
     Raises:
-        MedidiffError: naming the label file, when spatial shapes or affines differ.
+        MedidiffError: naming the second file, when spatial shapes or affines differ.
     """
     where, other = source_path(label), source_path(image)
     if tuple(image.shape[1:]) != tuple(label.shape[1:]):
-        raise MedidiffError(f"label shape {tuple(label.shape[1:])} differs from image shape "
+        raise MedidiffError(f"{what} shape {tuple(label.shape[1:])} differs from image shape "
                             f"{tuple(image.shape[1:])} ({other})", where)
     a, b = _reference_geometry(image)[0], _reference_geometry(label)[0]
     if not np.allclose(a, b, atol=atol):
-        raise MedidiffError(f"label affine differs from the image's ({other}) by up to "
+        raise MedidiffError(f"{what} affine differs from the image's ({other}) by up to "
                             f"{np.abs(a - b).max():.4g} mm; they are not on the same grid (image origin "
                             f"{_fmt(a[:3, 3])}, voxel axes {_fmt(a[:3, :3])}; label origin {_fmt(b[:3, 3])}, "
                             f"voxel axes {_fmt(b[:3, :3])})", where)
@@ -437,6 +449,19 @@ def _reference_geometry(reference: Any) -> tuple[np.ndarray, tuple[int, ...] | N
     return (np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)), shape
 
 
+def _header_codes(reference: Any) -> tuple[int, int]:
+    """The qform and sform codes of a NIfTI reference (file or MetaTensor read from one), so outputs keep them;
+    otherwise 1 and 1 (both forms "scanner", so ITK-based viewers agree)."""
+    path = source_path(reference)
+    meta = getattr(reference, "meta", {})
+    if "qform_code" in meta and "sform_code" in meta:
+        return int(meta["qform_code"]), int(meta["sform_code"])
+    if path is not None and path.name.lower().endswith(NIFTI_SUFFIXES) and path.is_file():
+        header = nib.load(str(path)).header
+        return int(header["qform_code"]), int(header["sform_code"])
+    return 1, 1
+
+
 def _small_int(data: np.ndarray) -> np.ndarray:
     for dtype in (np.uint8, np.int16, np.int32):
         if data.min() >= np.iinfo(dtype).min and data.max() <= np.iinfo(dtype).max:
@@ -454,14 +479,22 @@ def _refuse_overwrite(path: Path, source: Path | None) -> None:
         raise MedidiffError("refusing to overwrite the input file; choose another output path", path)
 
 
-def _atomic_save(path: Path, save: Callable[[str], None]) -> None:
-    """Save through a temporary file in the same folder, then rename: readers never see half a file."""
+def atomic_write(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
+    """Write a file through a temporary file in the same folder, then rename: readers never see half a file,
+    an interrupted write leaves none (a killed process can leave a hidden ``.<name>.*`` temporary), and the
+    file gets the permissions of any new file (the umask), not the temporary's 0600.
+
+    Args:
+        path: the file to write; missing parent folders are created.
+        save: writes the content to the temporary path it is given.
+    """
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise MedidiffError(f"cannot create the output folder ({err.strerror})", path.parent) from None
+        raise MedidiffError(f"cannot create the output folder {path.parent} ({err.strerror})", path) from None
     if not os.access(path.parent, os.W_OK):
-        raise MedidiffError("output folder is not writable", path.parent)
+        raise MedidiffError(f"the output folder {path.parent} is not writable", path)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
@@ -470,7 +503,40 @@ def _atomic_save(path: Path, save: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         save(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise MedidiffError(f"could not be written ({err.strerror or err})", path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_json(path: str | os.PathLike, content: Any) -> Path:
+    """Strict JSON (NaN and infinities as null), written atomically."""
+    import json
+
+    text = json.dumps(_strict_json(content), indent=1, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def _strict_json(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict_json(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return _strict_json(obj.item())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current

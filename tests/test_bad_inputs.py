@@ -252,7 +252,7 @@ def test_infer_missing_checkpoint(tmp_path, capsys):
         ("Inf voxel", lambda d: save(d / "scan.nii.gz", np.where(small_labels() == 1, np.inf, small_scan())),
          ["scan.nii.gz", "infinite voxel"]),
         ("4D volume", lambda d: save(d / "scan.nii.gz", np.zeros((20, 18, 6, 2), np.float32)),
-         ["scan.nii.gz", "4D array", "3D image is expected"]),
+         ["scan.nii.gz", "has 2 channel(s)", "--channel"]),
         ("not an image", lambda d: write_bytes(d / "scan.nii.gz", b"hello"), ["scan.nii.gz", "cannot be read"]),
     ],
 )
@@ -281,7 +281,7 @@ def test_infer_refuses_a_checkpoint_of_another_spatial_dimension(tiny_3d_checkpo
     source = tmp_path / "photo.png"
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(source)
     user_error(capsys, infer_argv(tiny_3d_checkpoint, source, tmp_path / "out"),
-               "photo.png", "2D array", "3D image is expected")
+               "photo.png", "is a 2D image but the model takes 3D volumes")
     assert_nothing_written(tmp_path / "out")
 
 
@@ -294,9 +294,10 @@ def test_infer_refuses_a_checkpoint_of_another_task(tiny_3d_checkpoint, tmp_path
 @pytest.mark.parametrize(
     ("edit", "fragments"),
     [
-        (lambda hp: hp.update(warp_speed=9), ["settings do not fit SegmentationDiffusion", "warp_speed"]),
-        (lambda hp: hp["net_config"].update(class_path="os.system"), ["refused network class 'os.system'"]),
-        (lambda hp: hp["net_config"]["init_args"].update(channels="many"), ["network settings do not fit"]),
+        (lambda c: c["hyper_parameters"].update(warp_speed=9), ["settings do not fit SegmentationDiffusion",
+                                                                 "warp_speed"]),
+        (lambda c: c["medidiff"]["net_config"].update(class_path="os.system"), ["refused network class 'os.system'"]),
+        (lambda c: c["medidiff"]["net_config"]["init_args"].update(channels="many"), ["network settings do not fit"]),
     ],
     ids=["unknown setting", "network outside the allow-list", "bad network settings"],
 )
@@ -304,7 +305,7 @@ def test_infer_refuses_a_checkpoint_with_foreign_settings(tiny_3d_checkpoint, tm
     from medidiff.checkpoint import read_checkpoint
 
     content = read_checkpoint(tiny_3d_checkpoint)
-    edit(content["hyper_parameters"])
+    edit(content)
     edited = tmp_path / "edited.ckpt"
     torch.save(content, edited)
     user_error(capsys, infer_argv(edited, SAMPLE_T1, tmp_path / "out"), "edited.ckpt", *fragments)
@@ -384,7 +385,7 @@ def test_evaluate_output_below_a_file(seg_folders, tmp_path, capsys):
     pred, ref = seg_folders
     (tmp_path / "report").write_text("keep me")
     user_error(capsys, evaluate_argv(pred, ref, tmp_path / "report" / "m.json"), "m.json",
-               "cannot write the metrics file")
+               "cannot create the output folder")
     assert (tmp_path / "report").read_text() == "keep me"
 
 

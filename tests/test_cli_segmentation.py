@@ -57,11 +57,15 @@ def test_infer_writes_label_probability_and_uncertainty_with_the_input_geometry(
     labels = np.asanyarray(nib.load(out / "oblique.nii.gz").dataobj)
     assert set(np.unique(labels)) <= {0, 1, 2}
     info = json.loads((out / "provenance" / "oblique.json").read_text())
-    assert info["seed"] == 0 and info["ensemble"] == 3 and info["nfe"] == 2 and "torch" in info
-    # a second run skips the finished case and leaves it untouched
+    settings = info["settings"]
+    assert settings["seed"] == 0 and settings["ensemble"] == 3 and info["nfe"] == 2 and "torch" in info
+    # a second run with the same settings skips the finished case and leaves it untouched; one with other
+    # settings is refused rather than taking the old results for its own
     before = (out / "oblique.nii.gz").stat().st_mtime_ns
-    assert main(["infer", "--task", "segmentation", "--ckpt", str(tiny_seg_checkpoint), "--input", str(scan),
-                 "--output", str(out), "--steps", "2"]) == 0
+    same = ["infer", "--task", "segmentation", "--ckpt", str(tiny_seg_checkpoint), "--input", str(scan.parent),
+            "--output", str(out), "--steps", "2", "--ensemble", "3", "--fusion", "staple"]
+    assert main(same) == 0
+    assert main(same[:-4]) == 2
     assert (out / "oblique.nii.gz").stat().st_mtime_ns == before
 
 

@@ -71,10 +71,15 @@ def test_infer_without_ckpt_uses_the_shipped_model_for_the_input_dimension(tmp_p
     scan = tmp_path / "in" / "slice.nii.gz"
     scan.parent.mkdir()
     nib.save(nib.Nifti1Image(np.random.default_rng(0).uniform(0, 200, (40, 36)).astype(np.float32), np.eye(4)), scan)
+    # the shipped restoration model reconstructs 4x k-space: without the sampling mask it is refused
+    assert main(["infer", "--task", "restoration", "--input", str(scan), "--output", str(tmp_path / "out0"),
+                 "--steps", "1"]) == 2
+    assert "--mask" in capsys.readouterr().err
     assert main(["infer", "--task", "restoration", "--input", str(scan), "--output", str(tmp_path / "out"),
-                 "--steps", "1"]) == 0
-    assert "shipped demo model restoration_mni_2d" in capsys.readouterr().out
+                 "--steps", "1", "--allow", "degradation"]) == 0
+    said = capsys.readouterr().out
+    assert "shipped demo model restoration_mni_2d" in said and "trained on 'sample_mni'" in said
     record = json.loads((tmp_path / "out" / "provenance" / "slice.json").read_text())
-    assert record["checkpoint"].endswith("restoration_mni_2d.ckpt")
+    assert record["settings"]["checkpoint"].endswith("restoration_mni_2d.ckpt")
     code = main(["infer", "--task", "superres", "--input", str(scan), "--output", str(tmp_path / "out2")])
-    assert code == 2 and "no shipped superres model for 2D inputs" in capsys.readouterr().err
+    assert code == 2 and "no shipped superres model takes this input" in capsys.readouterr().err

@@ -17,8 +17,8 @@ from medidiff.cli import main
 from medidiff.data.custom import rgb_to_ycbcr
 from medidiff.errors import MedidiffError
 from medidiff.fusion_classical import fuse_average, fuse_laplacian, fuse_max_abs, laplacian_pyramid
-from medidiff.fusion_infer import fusion_infer
-from medidiff.inference import SamplingOptions
+from medidiff.inference import SamplingOptions, adapter_for, from_checkpoint, infer
+from medidiff.inference.tasks import fusion_contract
 from medidiff.lit.fusion import FusionDiffusion, FusionLikelihood, grad, grad_adjoint, restore_colour
 from medidiff.nets import ConditionalUNet
 from tests.conftest import REPO, SHARED
@@ -157,10 +157,19 @@ def test_predict_on_a_test_batch_returns_fused_luma_and_colour_from_the_chroma()
 # ------------------------------------------------------------------------------------- file fusion
 
 
+def fusion_infer(a, b, out, *, module=None, method="diffusion", options=None):
+    """``medidiff infer --task fusion`` through the Python API, for a module built here or a classical method."""
+    if module is None:
+        adapter = from_checkpoint("fusion", None, method=method)
+    else:
+        adapter = adapter_for("fusion", module, fusion_contract(module), options or SamplingOptions(), None)
+    return infer(adapter, {"source_a": a, "source_b": b}, out, report=lambda message: None)
+
+
 def test_misregistered_pngs_give_an_error_naming_both_files(tmp_path):
     io.write_png(np.zeros((32, 32), np.uint8), tmp_path / "a.png")
     io.write_png(np.zeros((32, 30), np.uint8), tmp_path / "b.png")
-    with pytest.raises(MedidiffError, match=r"a\.png.*\(32, 32\).*b\.png.*\(32, 30\)"):
+    with pytest.raises(MedidiffError, match=r"b\.png: source shape \(32, 30\) differs from image shape \(32, 32\) .*a\.png"):
         fusion_infer(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out", method="average")
 
 
@@ -168,7 +177,7 @@ def test_misregistered_volumes_give_an_error_naming_both_files(tmp_path):
     data = np.random.default_rng(0).random((12, 12, 8)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.0, 1.0])), tmp_path / "ct.nii.gz")
     nib.save(nib.Nifti1Image(data, np.diag([1.0, 1.0, 2.5, 1.0])), tmp_path / "mr.nii.gz")
-    with pytest.raises(MedidiffError, match=r"affines of .*ct\.nii\.gz and .*mr\.nii\.gz differ"):
+    with pytest.raises(MedidiffError, match=r"mr\.nii\.gz: source affine differs from the image's \(.*ct\.nii\.gz\)"):
         fusion_infer(tmp_path / "ct.nii.gz", tmp_path / "mr.nii.gz", tmp_path / "out", method="laplacian")
 
 
@@ -196,8 +205,9 @@ def test_3d_fusion_writes_the_first_sources_oblique_geometry(tmp_path):
     out = nib.load(written[0])
     assert out.shape == (16, 16, 6) and np.allclose(out.affine, affine, atol=1e-5)
     assert np.asarray(out.dataobj).max() > 100  # back on the first source's (CT) scale
-    info = json.loads(written[1].read_text())
-    assert (info["seed"], info["steps"], info["nfe"]) == (3, 2, 2) and info["torch"] == torch.__version__
+    info = json.loads(written[-1].read_text())
+    assert (info["settings"]["seed"], info["settings"]["steps"], info["nfe"]) == (3, 2, 2)
+    assert info["torch"] == torch.__version__
 
 
 def test_fusing_the_shipped_pair_keeps_size_colour_and_provenance(tmp_path):
@@ -207,10 +217,13 @@ def test_fusing_the_shipped_pair_keeps_size_colour_and_provenance(tmp_path):
     fused, source = io.read(written[0]), io.read(SAMPLE / "pet/124.png")
     assert written[0].name == "124.png" and fused.shape == source.shape == (3, 208, 176)
     assert np.allclose(np.asarray(fused.affine), np.asarray(io.read(SAMPLE / "mri/124.png").affine))
-    info = json.loads(written[1].read_text())
-    assert info["colour_from"] == "source_b" and info["seed"] == 5 and "monai" in info
-    # a second run over the same output skips the finished case
-    assert fusion_infer(*pair, tmp_path / "out", method="average") == []
+    info = json.loads(written[-1].read_text())
+    assert info["checks"]["source_b"]["channels"].startswith("colour") and info["settings"]["seed"] == 5
+    assert "monai" in info
+    # a second run with the same settings skips the finished case; one with other settings is refused
+    assert fusion_infer(*pair, tmp_path / "out", module=_tiny_module(), options=options) == []
+    with pytest.raises(MedidiffError, match="other settings"):
+        fusion_infer(*pair, tmp_path / "out", method="average")
 
 
 # ------------------------------------------------------------------------------------------- configs, CLI

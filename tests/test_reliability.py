@@ -172,10 +172,11 @@ def test_inference_never_modifies_its_inputs(resumed_folder_infer):
 
 def test_provenance_records_seed_and_versions(resumed_folder_infer):
     info = json.loads((resumed_folder_infer["out"] / "provenance" / "c.json").read_text())
-    assert info["seed"] == 5 and info["steps"] == 2 and info["sampler"] and info["checkpoint"]
+    settings = info["settings"]
+    assert settings["seed"] == 5 and settings["steps"] == 2 and settings["sampler"] and settings["checkpoint"]
     assert info["medidiff"] == medidiff.__version__
     assert info["torch"] == torch.__version__ and info["monai"] == monai.__version__
-    assert info["input"].endswith("c.nii.gz") and info["case"] == "c"
+    assert info["inputs"]["image"].endswith("c.nii.gz") and info["case"] == "c"
 
 
 # ------------------------------------------------------------------------------------ reproducibility

@@ -56,6 +56,8 @@ class DiscreteDenoiser(nn.Module):
         prediction_type: what the network predicts: ``epsilon``, ``sample`` (x0) or ``v``.
         quantize: round the timestep to the nearest trained one instead of interpolating between them.
         loss_weighting: ``uniform`` or ``min_snr`` (Hang et al., ICCV 2023) with ``min_snr_gamma``.
+        register_model: make ``model`` a submodule (its parameters part of this module's state). False when the
+            owner registers the network itself, so that its weights are stored once.
     """
 
     def __init__(
@@ -67,13 +69,17 @@ class DiscreteDenoiser(nn.Module):
         quantize: bool = False,
         loss_weighting: LossWeighting = "uniform",
         min_snr_gamma: float = 5.0,
+        register_model: bool = True,
     ):
         super().__init__()
         if prediction_type not in ("epsilon", "sample", "v"):
             raise ValueError(f"unknown prediction type {prediction_type!r}; choose epsilon, sample or v")
         if loss_weighting not in ("uniform", "min_snr"):
             raise ValueError(f"unknown loss weighting {loss_weighting!r}; choose uniform or min_snr")
-        self.model = model
+        if register_model:
+            self.model = model
+        else:
+            object.__setattr__(self, "model", model)
         self.prediction_type = prediction_type
         self.quantize = quantize
         self.loss_weighting = loss_weighting

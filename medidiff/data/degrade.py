@@ -37,7 +37,7 @@ from monai.data import MetaTensor
 
 from medidiff.errors import MedidiffError
 
-__all__ = ["degrade", "degrade_with_extras", "degrade_batch", "DEGRADATIONS"]
+__all__ = ["degrade", "degrade_with_extras", "degrade_batch", "interpolate_back", "DEGRADATIONS"]
 
 
 def degrade(image: torch.Tensor, spec: Mapping[str, Any], seed: int) -> torch.Tensor:
@@ -140,11 +140,18 @@ def _downsample_average(x: torch.Tensor, factors: list[float], options: dict, ex
     if any(f != int(f) for f in factors):
         raise MedidiffError(f"degradation 'downsample' with model 'average' needs integer factors, got {factors}")
     low = downsample(x[None], [int(f) for f in factors])
-    mode = {"linear": "bilinear" if x.ndim == 3 else "trilinear", "nearest": "nearest"}[
-        options.get("interpolation", "linear")]
-    back = torch.nn.functional.interpolate(low, scale_factor=[float(f) for f in factors], mode=mode)
     extras["low_res"] = low[0]
-    return back[(0, slice(None)) + tuple(slice(0, n) for n in x.shape[1:])]
+    back = interpolate_back(low[0], factors, options.get("interpolation", "linear"))
+    return back[(slice(None),) + tuple(slice(0, n) for n in x.shape[1:])]
+
+
+def interpolate_back(low: torch.Tensor, factors: Sequence[float], interpolation: str = "linear") -> torch.Tensor:
+    """A low-resolution image ``(C, *spatial)`` interpolated onto the grid ``factors`` times finer, as the
+    ``downsample`` degradation (``model: average``) builds the condition in training; super-resolution
+    inference builds its condition with this same function."""
+    mode = {"linear": "bilinear" if low.ndim == 3 else "trilinear", "nearest": "nearest"}[interpolation]
+    return torch.nn.functional.interpolate(low[None].float(), scale_factor=[float(f) for f in factors],
+                                           mode=mode)[0]
 
 
 def _kspace(x: torch.Tensor, options: dict, affine, generator: torch.Generator, extras) -> torch.Tensor:

@@ -42,6 +42,7 @@ from medidiff.data.custom import (
     CheckPaird,
     Degraded,
     DeriveTissueLabeld,
+    IntensityBoundsd,
     LoadCased,
     RemapLabelsd,
     SelectChannelsd,
@@ -49,7 +50,7 @@ from medidiff.data.custom import (
 )
 from medidiff.errors import MedidiffError
 
-__all__ = ["Task", "Stage", "preprocess", "train_sampling", "centre_patch", "slice_of", "finish", "invert", "apply",
+__all__ = ["Task", "Stage", "preprocess", "standardise", "train_sampling", "centre_patch", "slice_of", "finish", "invert", "apply",
            "user_errors"]
 
 Task = Literal["segmentation", "restoration", "superres", "fusion"]
@@ -94,17 +95,49 @@ def preprocess(
         t.append(RemapLabelsd(["label"], card))
     if "fov" in labels:  # field-of-view masks are stored 0/255 or 0/1: make them 0/1
         t.append(AsDiscreted(["fov"], threshold=0.5))
-    spatial_keys = images + labels
-    if card.spatial_dims == 3:
-        t.append(Orientationd(spatial_keys, axcodes=card.orientation, labels=None))  # io.read sets space=RAS
+    return t + standardise(inputs, labels=labels, spatial_dims=card.spatial_dims, orientation=card.orientation,
+                           spacing=card.spacing, slice_axis=card.slice_axis, slices=slices, luma=luma)
+
+
+def standardise(
+    inputs: Mapping[str, InputSpec],
+    *,
+    labels: Sequence[str] = (),
+    spatial_dims: int,
+    orientation: str = "RAS",
+    spacing: Sequence[float] | None = None,
+    slice_axis: int = 2,
+    slices: tuple[int, int] | None = None,
+    luma: bool = False,
+    resample: bool = True,
+    record_bounds: bool = False,
+) -> list[MapTransform]:
+    """The part of :func:`preprocess` after loading, shared by training and inference: orientation (3D), grid
+    check, spacing, slab, intensity normalisation to [0, 1], luma for RGB inputs.
+
+    Args:
+        inputs: image keys (already holding the channels the network takes) and their specs.
+        labels: label-like keys resampled with them (nearest neighbour).
+        resample: bring the case onto the training orientation and spacing; False keeps the native voxel grid
+            (image tasks at inference, so that outputs line up with their input voxel for voxel).
+        record_bounds: store the intensities mapped to 0 and 1 per channel as ``<key>_bounds`` (inference maps
+            image outputs back to the input's units with them).
+    """
+    images = list(inputs)
+    spatial_keys = images + list(labels)
+    t: list[MapTransform] = []
+    if spatial_dims == 3 and resample:
+        t.append(Orientationd(spatial_keys, axcodes=orientation, labels=None))  # io.read sets space=RAS
     t.append(CheckPaird(images[0], spatial_keys))
-    if card.spacing is not None:
+    if spacing is not None and resample:
         modes = ["bilinear"] * len(images) + ["nearest"] * len(labels)
-        t.append(Spacingd(spatial_keys, pixdim=card.spacing, mode=modes, dtype=torch.float32))
+        t.append(Spacingd(spatial_keys, pixdim=spacing, mode=modes, dtype=torch.float32))
     if slices is not None:
-        start, stop = [0] * card.spatial_dims, [_BIG] * card.spatial_dims
-        start[card.slice_axis], stop[card.slice_axis] = slices
+        start, stop = [0] * spatial_dims, [_BIG] * spatial_dims
+        start[slice_axis], stop[slice_axis] = slices
         t.append(SpatialCropd(spatial_keys, roi_start=start, roi_end=stop))
+    if record_bounds:
+        t += [IntensityBoundsd([k], spec.normalise) for k, spec in inputs.items()]
     t += [_normaliser(k, spec) for k, spec in inputs.items()]
     t += [ToLumad([k]) for k, spec in inputs.items() if spec.is_rgb and luma]
     return t

@@ -25,15 +25,54 @@ from medidiff.core.schedules import BetaScheduleName
 from medidiff.errors import MedidiffError
 
 
-class PlainTrainingBatches:
-    """Mixin for LightningModules: training and validation batches arrive as plain tensors (see
-    :func:`plain_tensors`); prediction batches keep their metadata."""
+class MedidiffModule:
+    """Mixin of every medidiff LightningModule.
+
+    - Training and validation batches arrive as plain tensors (see :func:`plain_tensors`); prediction batches
+      keep their metadata.
+    - Checkpoint bookkeeping: :meth:`on_save_checkpoint` writes ``checkpoint["medidiff"]`` — the task, module
+      class, how to rebuild the network (``net_config``) and the model-input contract
+      (:mod:`medidiff.inference.contract`, built from the data module when fitting starts) — beside Lightning's
+      weights and hyperparameters; :meth:`on_load_checkpoint` reads it back when training resumes.
+    """
+
+    task: str = "base"
+    contract: dict[str, Any] | None = None
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return plain_tensors(batch) if self._trainer is not None and not self.trainer.predicting else batch
 
+    def on_fit_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "card"):
+            from medidiff.inference.contract import build_contract
 
-class DiffusionModule(PlainTrainingBatches, L.LightningModule):
+            self.contract = build_contract(datamodule, self) | {"sampling": self.contract_sampling()}
+
+    def contract_sampling(self) -> dict[str, Any] | None:
+        """The sampler settings recorded in the contract (diffusion modules: the validation's choice)."""
+        return None
+
+    def checkpoint_record(self) -> dict[str, Any]:
+        contract = self.contract
+        if contract is not None:
+            contract = contract | {"sampling": self.contract_sampling() or contract.get("sampling")}
+        return {"format": 1, "task": self.task, "module": type(self).__name__, "net_config": net_config(self.net),
+                "contract": contract}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["medidiff"] = self.checkpoint_record()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        record = checkpoint.get("medidiff") or {}
+        self.contract = record.get("contract")
+        # checkpoints written before the network was registered once hold its weights twice
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("denoiser.model.")]:
+            del state[key]
+
+
+class DiffusionModule(MedidiffModule, L.LightningModule):
     """A conditional DDPM: ``p(target | condition)`` with the condition concatenated to the network input.
 
     Args:
@@ -47,6 +86,10 @@ class DiffusionModule(PlainTrainingBatches, L.LightningModule):
         cond_drop, guidance_scale: classifier-free guidance (drop probability at training, scale at sampling).
         nan_policy: ``raise`` stops training on a NaN/Inf loss with a clear message; ``skip`` skips the batch.
         val_sampling_batches: validation batches on which a full sample is drawn and the task metric computed.
+        val_steps: sampler step counts tried on those batches at every validation (default: ``steps`` only);
+            the one that scores best (``selection_metric``) is recorded in the checkpoint's contract and is
+            what ``medidiff infer`` uses unless told otherwise. A small model can be best at 1 step and give
+            an empty mask at 10.
         terminal_fraction: share of training samples drawn at the highest noise level instead of uniformly.
             There the network sees no trace of the target and must predict it from the condition alone — the
             step every sample starts with. Uniform timesteps give that skill ~1/T of the updates, which starves
@@ -63,6 +106,7 @@ class DiffusionModule(PlainTrainingBatches, L.LightningModule):
     """
 
     task: str = "base"
+    selection_metric: tuple[str, str] = ("loss", "min")  # validation metric choosing the step count
 
     def __init__(
         self,
@@ -84,6 +128,7 @@ class DiffusionModule(PlainTrainingBatches, L.LightningModule):
         guidance_scale: float = 1.0,
         nan_policy: Literal["raise", "skip"] = "raise",
         val_sampling_batches: int = 1,
+        val_steps: Sequence[int] | None = None,
         terminal_fraction: float = 0.0,
         recycle_fraction: float = 0.0,
         channels_last: bool = False,
@@ -92,15 +137,13 @@ class DiffusionModule(PlainTrainingBatches, L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
-        self.hparams["net_config"] = net_config(net)
-        self.hparams["task"] = self.task
-        self.hparams["module"] = type(self).__name__
         get_sampler(sampler)  # fail at construction on a misspelled sampler, not after training
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         betas = beta_schedule(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
         network = torch.compile(self.net) if compile else self.net
+        # the network is registered once, as `net`: the denoiser holds it without owning its parameters
         self.denoiser = DiscreteDenoiser(network, betas, prediction_type, loss_weighting=loss_weighting,
-                                         min_snr_gamma=min_snr_gamma)
+                                         min_snr_gamma=min_snr_gamma, register_model=False)
 
     # ------------------------------------------------------------------------------ task interface
 
@@ -145,9 +188,38 @@ class DiffusionModule(PlainTrainingBatches, L.LightningModule):
         generator = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)
         self._loss(batch, "val", generator=generator)
         if batch_idx < self.hparams.val_sampling_batches:
-            prediction = self.predict(batch, ensemble=1)
-            for name, value in self.sample_metrics(prediction, batch).items():
-                self.log(f"val/{name}", value, batch_size=prediction.shape[1])
+            for steps in self.validation_step_counts:
+                prediction = self.predict(batch, ensemble=1, steps=steps)
+                metrics = self.sample_metrics(prediction, batch)
+                for name, value in metrics.items():
+                    suffix = "" if steps == self.hparams.steps else f"_steps{steps}"
+                    self.log(f"val/{name}{suffix}", value, batch_size=prediction.shape[1])
+                score = metrics.get(self.selection_metric[0])
+                if score is not None and math.isfinite(score):
+                    self._step_scores.setdefault(steps, []).append(score)
+
+    @property
+    def validation_step_counts(self) -> list[int]:
+        return sorted({int(s) for s in (self.hparams.get("val_steps") or [self.hparams.steps])})
+
+    def on_validation_epoch_start(self) -> None:
+        self._step_scores: dict[int, list[float]] = {}
+
+    def on_validation_epoch_end(self) -> None:
+        scores = {steps: sum(v) / len(v) for steps, v in getattr(self, "_step_scores", {}).items() if v}
+        if scores:
+            self.validated_sampling = choose_steps(scores, self.selection_metric, self.hparams, self.global_step)
+
+    def contract_sampling(self) -> dict[str, Any]:
+        hp = self.hparams
+        default = {"sampler": hp.sampler, "steps": int(hp.steps), "grid": hp.grid, "chosen_by": "config"}
+        return getattr(self, "validated_sampling", None) or default
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        sampling = (self.contract or {}).get("sampling") or {}
+        if sampling.get("chosen_by") == "validation":
+            self.validated_sampling = sampling
 
     def _loss(self, batch: dict[str, Any], stage: str, generator: torch.Generator | None = None) -> Tensor:
         x0, cond = self.target_and_condition(batch)
@@ -282,6 +354,16 @@ class DiffusionModule(PlainTrainingBatches, L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def choose_steps(scores: dict[int, float], metric: tuple[str, str], hparams: Any, global_step: int) -> dict:
+    """The sampling record of the step count that scored best on validation (ties: the fewest steps)."""
+    name, mode = metric
+    sign = 1 if mode == "max" else -1
+    best = max(sorted(scores), key=lambda steps: sign * scores[steps])
+    return {"sampler": hparams.sampler, "steps": int(best), "grid": hparams.grid, "chosen_by": "validation",
+            "metric": name, "mode": mode, "scores": {str(k): float(v) for k, v in sorted(scores.items())},
+            "global_step": int(global_step)}
 
 
 def plain_tensors(batch: Any) -> Any:

@@ -14,12 +14,12 @@ import torch
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
-from medidiff.lit.base import PlainTrainingBatches, crop, net_config, pad_to_multiple, stride_multiple
+from medidiff.lit.base import MedidiffModule, crop, pad_to_multiple, stride_multiple
 from medidiff.lit.segmentation import SegmentationOutputs
 from medidiff.sliding import window_inference
 
 
-class UNetSegmenter(SegmentationOutputs, PlainTrainingBatches, L.LightningModule):
+class UNetSegmenter(SegmentationOutputs, MedidiffModule, L.LightningModule):
     """Supervised segmentation with a plain network predicting class logits.
 
     Args:
@@ -36,9 +36,6 @@ class UNetSegmenter(SegmentationOutputs, PlainTrainingBatches, L.LightningModule
                  roi_size: Sequence[int] | None = None, threshold: float = 0.5):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
-        self.hparams["net_config"] = net_config(net)
-        self.hparams["task"] = self.task
-        self.hparams["module"] = type(self).__name__
         self.net = net
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
 

@@ -211,6 +211,7 @@ class FusionDiffusion(DiffusionModule):
     """
 
     task = "fusion"
+    selection_metric = ("fusion_loss", "min")
 
     def __init__(self, intensity_weight: float = 10.0, gradient_weight: float = 10.0,
                  prior_weight: float = 1.0, prior_error: float = 0.0,

@@ -22,6 +22,8 @@ class ImageConventions:
     """Batch conventions of the image tasks, shared by the diffusion modules and the regression baselines:
     images in ``[0, 1]`` are modelled in ``[-1, 1]``; the degraded image is the condition."""
 
+    selection_metric = ("psnr", "max")
+
     def condition(self, batch: dict[str, Any]) -> Tensor:
         return batch["condition"].float() * 2 - 1
 

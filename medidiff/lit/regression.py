@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from medidiff.core.guidance import Hook
-from medidiff.lit.base import PlainTrainingBatches, crop, net_config, pad_to_multiple, stride_multiple
+from medidiff.lit.base import MedidiffModule, crop, pad_to_multiple, stride_multiple
 from medidiff.lit.image import ImageConventions, KSpaceMeasurement, LowResMeasurement
 from medidiff.sliding import window_inference
 
 
-class ImageRegressor(ImageConventions, PlainTrainingBatches, L.LightningModule):
+class ImageRegressor(ImageConventions, MedidiffModule, L.LightningModule):
     """Supervised image-to-image regression, images in ``[0, 1]`` mapped to ``[-1, 1]``.
 
     Args:
@@ -38,9 +38,6 @@ class ImageRegressor(ImageConventions, PlainTrainingBatches, L.LightningModule):
                  weight_decay: float = 1e-4, consistency: bool = True, consistency_weight: float = 1.0):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
-        self.hparams["net_config"] = net_config(net)
-        self.hparams["task"] = self.task
-        self.hparams["module"] = type(self).__name__
         if loss not in ("l1", "mse"):
             raise ValueError(f"loss must be 'l1' or 'mse', got {loss!r}")
         self.net = net

@@ -24,6 +24,8 @@ class SegmentationOutputs:
     Needs ``self.hparams.num_classes``, ``self.hparams.threshold`` and ``self.net.spatial_dims``.
     """
 
+    selection_metric = ("dice", "max")
+
     @property
     def mask_channels(self) -> int:
         return 1 if self.hparams.num_classes == 2 else self.hparams.num_classes

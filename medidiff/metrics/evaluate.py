@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from medidiff.errors import MedidiffError
-from medidiff.io import IMAGE_2D_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, read
+from medidiff.io import IMAGE_2D_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, read, write_json
 from medidiff.metrics.fusion import fusion_metrics
 from medidiff.metrics.image import image_metrics
 from medidiff.metrics.segmentation import segmentation_metrics
@@ -81,7 +80,16 @@ def _index(folder: str | os.PathLike, suffixes: Sequence[str]) -> dict[str, Path
 def _pair(
     folders: Mapping[str, str | os.PathLike], suffixes: Sequence[str]
 ) -> list[tuple[str, dict[str, Path]]]:
-    """Match the files of several folders by case name; the first folder is the one being evaluated."""
+    """Match the inputs of each role: one file each (a single pair), or folders whose files pair by case name;
+    the first role is the one being evaluated."""
+    paths = {role: Path(p) for role, p in folders.items()}
+    if all(p.is_file() for p in paths.values()):
+        first = next(iter(paths.values()))
+        return [(case_name(first.name, suffixes) or first.name, paths)]
+    for role, path in paths.items():
+        if path.is_file():
+            raise MedidiffError(f"is a file while the {next(r for r in paths if r != role)} input is a folder; "
+                                "give files for all, folders for all, or a --pairs file", path)
     indexes = {role: _index(folder, suffixes) for role, folder in folders.items()}
     first = next(iter(folders))
     if not indexes[first]:
@@ -92,8 +100,38 @@ def _pair(
         for role in folders:
             if role not in have:
                 where = indexes[sorted(have)[0]][name]
-                raise MedidiffError(f"case '{name}' has no {role} file in {folders[role]}", where)
+                raise MedidiffError(f"case '{name}' has no {role} file in {folders[role]} (files pair by case "
+                                    "name; give a --pairs file to pair them otherwise)", where)
     return [(name, {role: indexes[role][name] for role in folders}) for name in sorted(names)]
+
+
+def read_pairs(path: str | os.PathLike, roles: Sequence[str]) -> list[tuple[str, dict[str, Path]]]:
+    """Pairs from a CSV file with a header naming the roles (``pred,ref`` and optionally ``region``; fusion
+    ``pred,source_a,source_b``) and an optional ``case`` column; relative paths are relative to the CSV file."""
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedidiffError("pairs file not found", path)
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise MedidiffError("pairs file holds no rows", path)
+    missing = [role for role in roles if role not in rows[0]]
+    if missing:
+        raise MedidiffError(f"pairs file needs the column(s) {missing} (header: {list(rows[0])})", path)
+    pairs, seen = [], set()
+    for number, row in enumerate(rows, start=2):
+        files = {role: (path.parent / row[role].strip()) for role in roles if (row.get(role) or "").strip()}
+        for role, file in files.items():
+            if not file.is_file():
+                raise MedidiffError(f"line {number}: {role} file {file} not found", path)
+        name = (row.get("case") or "").strip() or case_name(files[roles[0]].name) or files[roles[0]].name
+        if name in seen:
+            raise MedidiffError(f"line {number}: case '{name}' appears twice", path)
+        seen.add(name)
+        pairs.append((name, files))
+    return pairs
 
 
 def _geometry_problem(img: Any, ref: Any) -> str | None:
@@ -136,14 +174,15 @@ def _run(
     suffixes: Sequence[str],
     out_json: str | os.PathLike | None,
     complete: Callable[[list[dict[str, Any]]], None] | None = None,
+    pairs_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Pair, read, check geometry, score each case, complete the case rows, summarise, write."""
-    pairs = _pair(folders, suffixes)
+    pairs = read_pairs(pairs_file, list(folders)) if pairs_file is not None else _pair(folders, suffixes)
     if out_json is not None:
         _refuse_replacing_an_input(Path(out_json), pairs)
     cases = []
     for name, paths in pairs:
-        images = {role: read(paths[role], kind=kinds[role]) for role in paths}
+        images = {role: read(p, kind=kinds[role]) for role, p in paths.items()}
         _check_geometry(images, paths)
         first = next(iter(paths))
         try:
@@ -151,6 +190,8 @@ def _run(
         except ValueError as err:  # a metric refused the data (range, size): the user's input
             raise MedidiffError(str(err), paths[first]) from None
         cases.append({"case": name, **{role: str(p) for role, p in paths.items()}, **values})
+    if pairs_file is not None:
+        settings = settings | {"pairs_file": str(pairs_file)}
     if complete is not None:
         complete(cases)
     result = {"task": task, "settings": settings, "cases": cases, "summary": _summary(cases)}
@@ -185,53 +226,37 @@ def _summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _strict(obj: Any) -> Any:
-    """NaN and infinities to None, recursively, for strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _strict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict(v) for v in obj]
-    return obj
-
-
 def _write_json(result: dict[str, Any], path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise MedidiffError(f"cannot write the metrics file here ({err.strerror})", path) from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_strict(result), f, indent=2, allow_nan=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if path.is_dir():
+        raise MedidiffError("is a folder; --out names the JSON file to write", path)
+    write_json(path, result)
 
 
 def evaluate_segmentation(
-    pred_dir: str | os.PathLike,
-    ref_dir: str | os.PathLike,
+    pred_dir: str | os.PathLike | None,
+    ref_dir: str | os.PathLike | None,
     *,
     labels: dict[str, int] | None = None,
     region_dir: str | os.PathLike | None = None,
     label_remap: Mapping[int, int] | None = None,
+    pred_labels: Mapping[str, int] | None = None,
+    pairs: str | os.PathLike | None = None,
     out_json: str | os.PathLike | None = None,
     suffixes: Sequence[str] = CASE_SUFFIXES,
 ) -> dict[str, Any]:
-    """Per-class Dice and HD95 (mm) of label-map files against reference label maps.
+    """Per-class Dice and HD95 (mm) of label maps against reference label maps.
 
     Args:
-        pred_dir, ref_dir: folders of label maps ``(*spatial)`` (NIfTI, PNG, ...), paired by case name.
-        labels: foreground classes ``{name: value}`` (e.g. from the data card). None: every non-zero value
-            found in a case's reference or prediction, named by its value; a class absent from a case is
-            then NaN there, exactly as if it had been listed.
-        region_dir: optional masks (non-zero = inside) restricting the evaluation, e.g. DRIVE's field of view.
-        label_remap: file value -> label value, applied to predictions and references before scoring
-            (DRIVE's manual masks store vessels as 255: ``{255: 1}``); unlisted values are kept.
+        pred_dir, ref_dir: two label-map files, or two folders of them paired by case name.
+        labels: foreground classes ``{name: value}`` of the references after ``label_remap`` (the data card's).
+            None: every non-zero value found in a case's reference or prediction, named by its value; a class
+            absent from a case is then NaN there, exactly as if it had been listed.
+        region_dir: optional mask(s) (non-zero = inside) restricting the evaluation, e.g. DRIVE's field of view.
+        label_remap: file value -> label value of the **references** (DRIVE's manual masks store vessels as 255:
+            ``{255: 1}``); unlisted values are kept. Predictions are never remapped by the card.
+        pred_labels: ``{name: value}`` the predictions use (``labels.json`` that ``medidiff infer`` writes beside
+            them): classes are matched by name. None: predictions use ``labels``' values.
+        pairs: a CSV file of pairs (see :func:`read_pairs`) instead of ``pred_dir`` / ``ref_dir``.
         out_json: where to write the result.
         suffixes: case-name suffixes to strip (see the pairing rule).
 
@@ -239,6 +264,9 @@ def evaluate_segmentation(
         Result dict with ``dice_<class>``, ``hd95_<class>``, ``dice_mean``, ``hd95_mean`` per case.
     """
     folders = {"pred": pred_dir, "ref": ref_dir} | ({"region": region_dir} if region_dir is not None else {})
+    if pairs is not None:
+        folders = {"pred": None, "ref": None} | ({"region": None} if region_dir is not None else {})
+    translate = _prediction_classes(pred_labels, labels)
 
     def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
         pred, ref = _single_channel(images, paths, "pred"), _single_channel(images, paths, "ref")
@@ -246,7 +274,9 @@ def evaluate_segmentation(
         if region is not None and not region.any():
             raise ValueError("the region mask is empty: there is nothing to evaluate inside it")
         if label_remap:
-            pred, ref = _remap(pred, label_remap), _remap(ref, label_remap)
+            ref = _remap(ref, label_remap)
+        if translate is not None:
+            pred = _translate(pred, translate, paths["pred"])
         if labels is not None:
             unknown = sorted(set(np.unique(pred).tolist()) - {0} - set(labels.values()))
             if unknown:
@@ -256,10 +286,49 @@ def evaluate_segmentation(
 
     kinds = {"pred": "label", "ref": "label", "region": "label"}
     settings = {"labels": labels, "region_dir": None if region_dir is None else str(region_dir),
-                "label_remap": None if label_remap is None else {str(k): v for k, v in label_remap.items()},
+                "reference_remap": None if label_remap is None else {str(k): v for k, v in label_remap.items()},
+                "prediction_labels": None if pred_labels is None else dict(pred_labels),
                 "hd_percentile": 95, "both_empty": "nan", "one_empty_hd95": "inf"}
     complete = _fill_absent if labels is None else None
-    return _run("segmentation", folders, kinds, score, settings, suffixes, out_json, complete)
+    return _run("segmentation", folders, kinds, score, settings, suffixes, out_json, complete, pairs)
+
+
+def prediction_labels(pred: str | os.PathLike | None) -> dict[str, int] | None:
+    """The ``labels.json`` (class name -> value) that ``medidiff infer`` writes beside its label maps."""
+    if pred is None:
+        return None
+    pred = Path(pred)
+    path = (pred if pred.is_dir() else pred.parent) / "labels.json"
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MedidiffError(f"is not a readable labels file ({err})", path) from None
+    if not isinstance(found, dict) or not all(isinstance(v, int) for v in found.values()):
+        raise MedidiffError("must map class names to integer values", path)
+    return found
+
+
+def _prediction_classes(pred_labels: Mapping[str, int] | None, labels: Mapping[str, int] | None):
+    """Prediction value -> reference class value, by class name; None when no translation is needed."""
+    if pred_labels is None or labels is None:
+        return None
+    missing = [name for name in labels if name not in pred_labels]
+    if missing:
+        raise MedidiffError(f"the predictions have no class named {missing} (their labels: {dict(pred_labels)}); "
+                            f"the card names {dict(labels)}")
+    return {value: labels.get(name, 0) for name, value in pred_labels.items()}
+
+
+def _translate(pred: np.ndarray, table: Mapping[int, int], path: Path) -> np.ndarray:
+    unknown = sorted(set(np.unique(pred).tolist()) - set(table) - {0})
+    if unknown:
+        raise MedidiffError(f"holds label value(s) {unknown} that its labels.json does not name", path)
+    out = np.zeros_like(pred)
+    for value, target in table.items():
+        out[pred == value] = target
+    return out
 
 
 def _remap(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
@@ -278,31 +347,42 @@ def _fill_absent(cases: list[dict[str, Any]]) -> None:
 
 
 def evaluate_image(
-    pred_dir: str | os.PathLike,
-    ref_dir: str | os.PathLike,
+    pred_dir: str | os.PathLike | None,
+    ref_dir: str | os.PathLike | None,
     *,
-    data_range: float,
+    data_range: float | None = None,
     metrics: tuple[str, ...] = ("psnr", "ssim", "nmse"),
+    pairs: str | os.PathLike | None = None,
     out_json: str | os.PathLike | None = None,
     suffixes: Sequence[str] = CASE_SUFFIXES,
 ) -> dict[str, Any]:
     """PSNR, SSIM and NMSE of restored / super-resolved images against references, 2D or 3D.
 
     Args:
-        pred_dir, ref_dir: folders of single-channel images, paired by case name.
-        data_range: intensity range of the scale (max - min), from the data card.
+        pred_dir, ref_dir: two files, or two folders of single-channel images paired by case name.
+        data_range: intensity range of the scale (max - min; e.g. a card's CT window). None: each reference's
+            own range, recorded per case as ``data_range``.
         metrics: any of "psnr", "ssim", "nmse".
+        pairs: a CSV file of pairs instead of ``pred_dir`` / ``ref_dir``.
         out_json: where to write the result.
         suffixes: case-name suffixes to strip.
     """
+    if data_range is not None and not (math.isfinite(data_range) and data_range > 0):
+        raise MedidiffError(f"the data range must be a positive number, got {data_range}")
 
     def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
         pred, ref = _single_channel(images, paths, "pred"), _single_channel(images, paths, "ref")
-        return image_metrics(pred, ref, data_range=data_range, metrics=metrics)
+        span = data_range if data_range is not None else float(ref.max() - ref.min())
+        if span <= 0:
+            raise ValueError("the reference is constant: give its intensity range with --data-range or --card")
+        return image_metrics(pred, ref, data_range=span, metrics=metrics) | \
+            ({} if data_range is not None else {"data_range": span})
 
-    settings = {"data_range": data_range, "metrics": list(metrics)}
+    settings = {"data_range": data_range if data_range is not None else "range of each reference",
+                "metrics": list(metrics)}
     folders = {"pred": pred_dir, "ref": ref_dir}
-    return _run("image", folders, dict.fromkeys(folders, "image"), score, settings, suffixes, out_json)
+    return _run("image", folders, dict.fromkeys(folders, "image"), score, settings, suffixes, out_json,
+                pairs_file=pairs)
 
 
 def _grey_2d(img: Any, path: Path) -> np.ndarray:
@@ -324,6 +404,7 @@ def evaluate_fusion(
     source_b_dir: str | os.PathLike,
     out_json: str | os.PathLike | None = None,
     *,
+    pairs: str | os.PathLike | None = None,
     suffixes: Sequence[str] = CASE_SUFFIXES,
 ) -> dict[str, Any]:
     """EN, SD, SF, MI, SSIM, Qabf and VIF of fused images against their two sources.
@@ -347,4 +428,5 @@ def evaluate_fusion(
 
     settings = {"scale": "8-bit [0, 255]", "mi": "sum over sources, nats", "ssim": "sum over sources",
                 "vif": "sum over sources"}
-    return _run("fusion", folders, dict.fromkeys(folders, "image"), score, settings, suffixes, out_json)
+    return _run("fusion", folders, dict.fromkeys(folders, "image"), score, settings, suffixes, out_json,
+                pairs_file=pairs)

@@ -2,28 +2,25 @@
 
     python tasks/segmentation/example.py CHECKPOINT SCAN OUTPUT_DIR
 
-The same as `medidiff infer --task segmentation --ensemble 5`, spelled out with the Python API.
+The same as `medidiff infer --task segmentation --ensemble 5 --fusion staple`, spelled out with the Python API:
+the checkpoint's contract checks the scan and preprocesses it as in training, and the outputs come back on the
+scan's own grid (orientation, spacing), ready to write with its affine.
 """
 
 import sys
 from pathlib import Path
 
 from medidiff import io
-from medidiff.checkpoint import load_module
-from medidiff.data import transforms as T
-from medidiff.inference import SamplingOptions, preprocess_case, sample_probabilities, segmentation_outputs
+from medidiff.inference import Case, from_checkpoint, run_case
+from medidiff.inference.contract import describe
 
 checkpoint, scan, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 
-model, data_settings = load_module(checkpoint, task="segmentation")   # weights_only, no pickled code runs
-case, pipeline = preprocess_case(data_settings["card"], scan)         # the training card's normalisation
-options = SamplingOptions(sampler="dpmpp_2m", steps=10, ensemble=5, seed=0)
+# weights only (no pickled code runs); steps: the count that scored best on validation
+model = from_checkpoint("segmentation", checkpoint, ensemble=5, fusion="staple", seed=0)
+print("model", describe(model.contract))
 
-probabilities = sample_probabilities(model, case["image"], options, data_settings.get("patch_size"))
-maps = segmentation_outputs(model, probabilities, fusion="staple")     # seg, prob, entropy, variance
-
-for name, array in maps.items():
-    # back onto the scan's own grid (orientation, spacing) and written with its affine
-    restored = T.invert(array, case["image"], pipeline, nearest=name == "seg")
-    io.write(restored, out / f"{scan.name.split('.')[0]}_{name}.nii.gz", like=scan)
-print("wrote", sorted(p.name for p in out.iterdir()))
+outputs = run_case(model, Case("scan", {"image": scan}))  # seg (the model's class ids), prob, entropy, variance
+for name, output in outputs.items():
+    io.write(output.array, out / f"{scan.name.split('.')[0]}_{name}.nii.gz", like=scan)
+print("labels", model.contract["labels"], "->", sorted(p.name for p in out.iterdir()))

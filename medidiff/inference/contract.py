@@ -1,0 +1,259 @@
+"""The model-input contract: what a model takes, recorded in its checkpoint at training time and checked on
+every input at inference.
+
+A contract is a plain dict (checkpoints load with ``weights_only=True``), built by :func:`build_contract` from
+the data module a model was trained with:
+
+- ``task``, ``spatial_dims`` (the network's), ``data_dims`` and ``slice_axis`` (a 2D model trained on slices of
+  3D volumes runs slice by slice along that axis), ``patch_size``;
+- ``inputs``: per image key, the channels stored in a file and those the network takes (by name), modality,
+  the card's intensity normalisation and the **intensity profile** seen in training (quantiles of the raw
+  values, share clipped by a window, where intensity zero sits inside the percentile range);
+- ``labels`` (name -> class id the model writes), ``spacing`` and ``orientation`` of the training grid;
+- ``degradation`` and ``factors`` the image tasks were trained on;
+- ``sampling``: sampler settings, and after validation with several step counts the one that scored best;
+- ``card``: name, description, source, licence of the training data, for ``describe``.
+
+:func:`check_intensities` compares an input with the profile; a misfit is a :class:`MedidiffError` naming the
+file, what the model expects and the ``--allow`` value that overrides.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from medidiff.errors import MedidiffError
+
+PROFILE_QUANTILES = (0.1, 1.0, 5.0, 50.0, 95.0, 99.0, 99.9)
+# Tolerances of the intensity check (see data_cards/README.md, "What a model checks on its inputs"):
+# absolute units (window): the input's 1st percentile within a quarter of the window of training's, its 99th
+# at most a quarter of the window above training's 99.9th;
+# relative units (percentile): intensity zero within a quarter of the range of where it sat in training;
+# a window may clip at most one percentage point more of the input than of the training images.
+RANGE_TOLERANCE = 0.25
+CLIP_TOLERANCE = 0.01
+ALLOW = ("intensity", "clipping", "modality", "degradation", "spacing")
+_MAX_SAMPLE = 2_000_000  # voxels per image kept for the profile: quantiles need no more
+
+
+def build_contract(datamodule: Any, module: Any) -> dict[str, Any]:
+    """The contract of a model trained on ``datamodule`` (a :class:`~medidiff.data.MedicalDataModule`)."""
+    card, hp = datamodule.card, datamodule.hparams
+    keys = ("source_a", "source_b") if datamodule.task == "fusion" else ("image",)
+    train_cases = card.splits["train"].cases[: hp.limit_cases]
+    inputs = {key: input_entry(card.inputs[key], [case[key] for case in train_cases], card.spatial_dims)
+              for key in keys}
+    contract = {
+        "version": 1, "task": datamodule.task,
+        "spatial_dims": int(getattr(getattr(module, "net", None), "spatial_dims", datamodule.spatial_dims)),
+        "data_dims": int(card.spatial_dims), "slice_axis": int(card.slice_axis),
+        "patch_size": [int(p) for p in datamodule.patch_size], "inputs": inputs,
+        "labels": dict(card.labels) if datamodule.task == "segmentation" else {},
+        "spacing": None if card.spacing is None else list(card.spacing), "orientation": card.orientation,
+        "degradation": datamodule.degradation, "factors": _factors(module),
+        "sampling": default_sampling(module), "card": card_summary(card),
+    }
+    return contract
+
+
+def input_entry(spec: Any, files: Iterable[str], dims: int) -> dict[str, Any]:
+    """Channels, modality, normalisation and the intensity profile of one image key."""
+    from medidiff import io
+
+    images = []
+    for file in files:
+        image = io.read(file, channels=len(spec.channels)).as_tensor()
+        images.append(image[spec.use_indices])
+    return {"channels": list(spec.channels), "use": list(spec.use), "modality": spec.modality,
+            "normalise": dict(spec.normalise), "spatial_dims": dims,
+            "profile": intensity_profile(images, spec.normalise) if images else None}
+
+
+def card_summary(card: Any) -> dict[str, Any]:
+    return {"name": card.name, "description": card.description, "modality": card.modality,
+            "source": card.source, "licence": card.licence}
+
+
+def default_sampling(module: Any) -> dict[str, Any] | None:
+    hp = getattr(module, "hparams", {})
+    if "sampler" not in hp:
+        return None  # a deterministic baseline
+    return {"sampler": hp["sampler"], "steps": int(hp["steps"]), "grid": hp["grid"], "chosen_by": "config"}
+
+
+def _factors(module: Any) -> list[int] | None:
+    factors = getattr(module, "hparams", {}).get("factors")
+    return None if factors is None else [int(f) for f in factors]
+
+
+# ------------------------------------------------------------------------------------------- profile
+
+
+def intensity_profile(images: list[torch.Tensor], normalise: dict[str, Any]) -> dict[str, Any]:
+    """Per-channel quantiles of the raw intensities of ``images`` (each ``(C, *spatial)``), the share a window
+    clips at each end, and where intensity zero sits between each image's percentile bounds."""
+    samples = torch.cat([_subsample(image) for image in images], dim=1).double()  # (C, N)
+    levels = torch.tensor(PROFILE_QUANTILES, dtype=torch.float64) / 100
+    quantiles = torch.quantile(samples, levels, dim=1).T  # (C, Q)
+    profile = {"quantiles": {f"{q:g}": quantiles[:, i].tolist() for i, q in enumerate(PROFILE_QUANTILES)}}
+    if normalise["method"] == "window":
+        low, high = float(normalise["low"]), float(normalise["high"])
+        profile["clipped_low"] = (samples < low).double().mean(1).tolist()
+        profile["clipped_high"] = (samples > high).double().mean(1).tolist()
+    else:
+        positions = torch.stack([zero_position(image, normalise) for image in images])  # (I, C)
+        profile["zero_position"] = positions.mean(0).tolist()
+    return profile
+
+
+def _subsample(image: torch.Tensor) -> torch.Tensor:
+    flat = image.reshape(image.shape[0], -1)
+    return flat[:, :: max(flat.shape[1] // _MAX_SAMPLE, 1)]
+
+
+def percentile_bounds(image: torch.Tensor, normalise: dict[str, Any]) -> torch.Tensor:
+    """``(C, 2)`` intensities that the normalisation maps to 0 and 1, per channel."""
+    channels = image.shape[0]
+    if normalise["method"] == "window":
+        return torch.tensor([[float(normalise["low"]), float(normalise["high"])]] * channels, dtype=torch.float64)
+    levels = torch.tensor([normalise["lower"], normalise["upper"]], dtype=torch.float64) / 100
+    return torch.quantile(_subsample(image).double(), levels, dim=1).T
+
+
+def zero_position(image: torch.Tensor, normalise: dict[str, Any]) -> torch.Tensor:
+    """Where intensity 0 lands after percentile normalisation, per channel: about 0 for magnitude MR (its
+    background), about 0.5 or more for CT in Hounsfield units (air -1000 sets the lower bound)."""
+    bounds = percentile_bounds(image, normalise)
+    return (0 - bounds[:, 0]) / (bounds[:, 1] - bounds[:, 0]).clamp(min=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- checks
+
+
+def check_intensities(image: torch.Tensor, entry: dict[str, Any], path: Path, allow: Iterable[str]) -> dict:
+    """Compare one input ``(C, *spatial)`` (the channels the model takes, raw units) with the training profile.
+
+    Returns what was measured (for provenance); raises :class:`MedidiffError` on a misfit not in ``allow``.
+    """
+    allow, profile, norm = set(allow), entry.get("profile"), entry["normalise"]
+    measured = intensity_profile([image], norm)
+    record = {"quantiles": {k: measured["quantiles"][k] for k in ("1", "50", "99")}}
+    if profile is None:
+        return record | {"checked": False, "why": "the checkpoint holds no intensity profile of its training data"}
+    if norm["method"] == "window":
+        record |= {"clipped_low": measured["clipped_low"], "clipped_high": measured["clipped_high"]}
+        problem = _window_range_problem(measured, profile, norm) if "intensity" not in allow else None
+        _refuse(problem, path, entry, "intensity")
+        problem = _clipping_problem(measured, profile, norm) if "clipping" not in allow else None
+        _refuse(problem, path, entry, "clipping")
+    else:
+        record["zero_position"] = measured["zero_position"]
+        problem = _zero_position_problem(measured, profile) if "intensity" not in allow else None
+        _refuse(problem, path, entry, "intensity")
+    return record | {"checked": True, "allowed": sorted(allow & {"intensity", "clipping"})}
+
+
+def _window_range_problem(measured: dict, profile: dict, norm: dict) -> str | None:
+    """Absolute units: the darkest 1 % (CT air, a photograph's black surround) sits where it sat in training,
+    and the brightest 1 % is not brighter than anything training saw. The 99th percentile may be lower: it
+    follows content (a slice with little bright tissue), not units."""
+    tolerance = RANGE_TOLERANCE * (float(norm["high"]) - float(norm["low"]))
+    for channel, (got, seen) in enumerate(zip(measured["quantiles"]["1"], profile["quantiles"]["1"])):
+        if abs(got - seen) > tolerance:
+            return (f"its 1st percentile intensity is {got:.4g}{_channel(channel, measured)} where the training "
+                    f"images had {seen:.4g} (tolerance {tolerance:.3g})")
+    for channel, (got, seen) in enumerate(zip(measured["quantiles"]["99"], profile["quantiles"]["99.9"])):
+        if got > seen + tolerance:
+            return (f"its 99th percentile intensity is {got:.4g}{_channel(channel, measured)}, above the "
+                    f"training images' 99.9th percentile {seen:.4g} by more than {tolerance:.3g}")
+    return None
+
+
+def _clipping_problem(measured: dict, profile: dict, norm: dict) -> str | None:
+    for end, bound in (("clipped_low", norm["low"]), ("clipped_high", norm["high"])):
+        for channel, (got, seen) in enumerate(zip(measured[end], profile[end])):
+            if got > seen + CLIP_TOLERANCE:
+                side = "below" if end == "clipped_low" else "above"
+                return (f"{100 * got:.2f} % of its voxels{_channel(channel, measured)} lie {side} the model's "
+                        f"window bound {bound:g} and would be clipped (training images: {100 * seen:.2f} %)")
+    return None
+
+
+def _zero_position_problem(measured: dict, profile: dict) -> str | None:
+    for channel, (got, seen) in enumerate(zip(measured["zero_position"], profile["zero_position"])):
+        if abs(got - seen) > RANGE_TOLERANCE:
+            return (f"intensity 0 sits at {got:.2f} of its percentile range{_channel(channel, measured)} where the "
+                    f"training images had it at {seen:.2f} (negative values where training had none, or the "
+                    "reverse: CT in Hounsfield units given to an MR model?)")
+    return None
+
+
+def _refuse(problem: str | None, path: Path, entry: dict, check: str) -> None:
+    if problem:
+        raise MedidiffError(f"{problem}; the model expects {expectation(entry)}. Run it anyway with "
+                            f"--allow {check}", path)
+
+
+def expectation(entry: dict[str, Any]) -> str:
+    """``entry`` in words: modality, channels and intensities, e.g. for an error message."""
+    norm, profile = entry["normalise"], entry.get("profile")
+    channels = ", ".join(entry["use"])
+    if entry["use"] != entry["channels"]:
+        channels += f" of {'/'.join(entry['channels'])} files"
+    text = f"{entry.get('modality') or 'images'} ({channels})"
+    if norm["method"] == "window":
+        text += f" in the units of a window {norm['low']:g}..{norm['high']:g}"
+    if profile:
+        low, high = profile["quantiles"]["1"], profile["quantiles"]["99"]
+        text += ", trained on 1st-99th percentiles " + ", ".join(f"{a:.4g}..{b:.4g}" for a, b in zip(low, high))
+    return text
+
+
+def _ordinal(level: str) -> str:
+    return {"1": "1st", "99": "99th"}[level]
+
+
+def _channel(index: int, measured: dict) -> str:
+    return f" (channel {index})" if len(measured["quantiles"]["1"]) > 1 else ""
+
+
+def describe(contract: dict[str, Any]) -> str:
+    """One paragraph on what a model was trained on, for ``infer`` without ``--ckpt``."""
+    card = contract.get("card") or {}
+    entries = "; ".join(f"{key}: {expectation(entry)}" for key, entry in contract["inputs"].items())
+    dims = f"{contract['spatial_dims']}D"
+    if contract["spatial_dims"] < contract["data_dims"]:
+        dims += f" (slices of 3D volumes along axis {contract['slice_axis']})"
+    text = f"trained on '{card.get('name', '?')}' ({card.get('description', '').strip()[:160]}); {dims}; {entries}"
+    if contract.get("spacing"):
+        text += f"; resampled to {contract['spacing']} mm"
+    if contract.get("labels"):
+        text += "; labels " + ", ".join(f"{name}={value}" for name, value in contract["labels"].items())
+    if contract.get("degradation"):
+        text += f"; degradation {contract['degradation']}"
+    return text
+
+
+def legacy_contract(data_hparams: dict[str, Any], module: Any) -> dict[str, Any]:
+    """The contract of a checkpoint written before contracts existed, rebuilt from the card it names (found on
+    the card search path); without the training files the intensity profile is left out (not checked)."""
+    from types import SimpleNamespace
+
+    from medidiff.data.cards import load_card
+    from medidiff.data.datamodule import DEFAULT_DEGRADATION, DEFAULT_PATCH
+
+    card = load_card(data_hparams["card"], check_files=False)
+    task = data_hparams.get("task", getattr(module, "task", "segmentation"))
+    dims = int(data_hparams.get("spatial_dims") or card.spatial_dims)
+    degradation = data_hparams.get("degradation") or DEFAULT_DEGRADATION.get(task, {}).get(dims)
+    files_exist = all(Path(case[key]).exists() for case in card.splits["train"].cases
+                      for key in case if key != "id")
+    view = SimpleNamespace(card=card, task=task, spatial_dims=dims, degradation=degradation,
+                           patch_size=data_hparams.get("patch_size") or DEFAULT_PATCH[dims],
+                           hparams=SimpleNamespace(limit_cases=data_hparams.get("limit_cases")))
+    if not files_exist:
+        view.hparams.limit_cases = 0  # no training files here: a contract without intensity profile
+    return build_contract(view, module) | {"rebuilt_from_card": True}
