@@ -135,6 +135,33 @@ def _legacy_contract(data_hparams: dict[str, Any], module: Any, path: str | os.P
         raise MedidiffError(f"predates model-input contracts and its card cannot be found ({err})", path) from None
 
 
+def refresh_contract(module, data_hparams: dict[str, Any], steps: list[int] | None = None) -> dict[str, Any]:
+    """Rebuild ``module.contract`` from the data it was trained on (the card's training files give the
+    intensity profile), and with ``steps``, choose the sampler step count again on the card's validation split
+    (every validation batch sampled at each count; the best by the task's metric is recorded).
+
+    For checkpoints that predate contracts, or trained without ``val_steps``.
+    """
+    import lightning as L
+
+    from medidiff.data.datamodule import MedicalDataModule
+    from medidiff.inference.contract import build_contract
+
+    settings = {k: v for k, v in data_hparams.items() if not k.startswith("_")}
+    datamodule = MedicalDataModule(**settings)
+    if steps:
+        saved = {key: module.hparams.get(key) for key in ("val_steps", "val_sampling_batches")}
+        module.hparams.val_steps, module.hparams.val_sampling_batches = sorted(set(steps)), 10**6
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        try:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        finally:
+            module.hparams.update(saved)
+    module.contract = build_contract(datamodule, module) | {"sampling": module.contract_sampling()}
+    return module.contract
+
+
 def export(module, data_hparams: dict[str, Any], path: str | os.PathLike, half: bool = True) -> Path:
     """Write a small inference checkpoint: weights and settings only, no optimizer state (atomic).
 

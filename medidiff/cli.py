@@ -39,6 +39,14 @@ def _cli_class():
     from medidiff.checkpoint import read_checkpoint
 
     class MedidiffCLI(LightningCLI):
+        def before_instantiate_classes(self) -> None:
+            """The network's input channels and the classes come from the data card: a value left null is
+            filled from it, one that differs is a one-line error naming both."""
+            subcommand = self.config.get("subcommand")
+            config = self.config[subcommand] if subcommand else self.config
+            if config.get("data") and config["data"].get("card"):
+                fill_from_card(config)
+
         def _parse_ckpt_path(self) -> None:
             """Lightning feeds a checkpoint's hyperparameters back as model arguments before resuming. Load the
             file through :func:`read_checkpoint` (weights only; a missing, foreign or code-carrying file is a
@@ -58,6 +66,39 @@ def _cli_class():
             return None
 
     return MedidiffCLI
+
+
+def fill_from_card(config) -> None:
+    """Check (or fill, where null) ``cond_channels`` / ``in_channels`` of the network and ``num_classes`` of the
+    model against the card the data module will load (``config``: the subcommand's jsonargparse namespace)."""
+    from medidiff.data.cards import load_card
+
+    data, model = config["data"], config["model"]
+    card = load_card(data["card"], check_files=False)
+    task = data.get("task") or "segmentation"
+    init = model.get("init_args") or {}
+    net = (init.get("net") or {}).get("init_args") or {}
+    net_class = str((init.get("net") or {}).get("class_path", ""))
+    channels = len(card.inputs["image"].use) if task != "fusion" and "image" in card.inputs else None
+    names = ", ".join(card.inputs["image"].use) if channels else ""
+    field = "cond_channels" if net_class.endswith("ConditionalUNet") else "in_channels"
+    if channels is not None and field in net:
+        _settle(net, field, channels, f"model.init_args.net.init_args.{field}",
+                f"card '{card.name}' gives {channels} image channel(s) ({names}); or choose channels with the "
+                "card's inputs.image.use")
+    if task == "segmentation" and "num_classes" in init:
+        _settle(init, "num_classes", card.num_classes, "model.init_args.num_classes",
+                f"card '{card.name}' names {card.num_classes} classes ({', '.join(card.labels)})")
+
+
+def _settle(namespace, key: str, expected: int, flag: str, why: str) -> None:
+    from medidiff.errors import MedidiffError
+
+    if namespace[key] is None:
+        namespace[key] = expected
+    elif namespace[key] != expected:
+        raise MedidiffError(f"{flag} is {namespace[key]} but the {why}; set --{flag} {expected} (or leave it "
+                            "null to take it from the card)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -72,9 +72,13 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("log", type=Path, help="metrics.csv of a run (runs/.../lightning_logs/version_N/metrics.csv)")
     plot.add_argument("--out", type=Path, default=None, help="PNG to write (default: beside the log)")
 
-    export = sub.add_parser("export", help="shrink a training checkpoint to weights and settings")
+    export = sub.add_parser("export", help="shrink a training checkpoint to weights, settings and its contract")
     export.add_argument("--ckpt", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True)
+    export.add_argument("--refresh-contract", action="store_true",
+                        help="rebuild the model-input contract from the card's training files (older checkpoints)")
+    export.add_argument("--validate-steps", type=int, nargs="+", default=None, metavar="STEPS",
+                        help="score these sampler step counts on the card's validation split and record the best")
     return parser
 
 
@@ -257,5 +261,10 @@ def _export(args: argparse.Namespace) -> None:
     from medidiff.checkpoint import export, load_module
 
     module, data_hparams = load_module(args.ckpt)
+    if args.refresh_contract or args.validate_steps:
+        from medidiff.checkpoint import refresh_contract
+
+        contract = refresh_contract(module, data_hparams, args.validate_steps)
+        print(f"contract: sampling {contract['sampling']}")
     path = export(module, data_hparams, args.out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

@@ -27,7 +27,8 @@ class ConditionalUNet(nn.Module):
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of the diffused variable (1 for a binary mask or a grey image, K for K classes).
-        cond_channels: channels of the condition (0 for an unconditional prior).
+        cond_channels: channels of the condition (0 for an unconditional prior); ``null`` in a config is filled
+            from the data card by ``medidiff fit``.
         out_channels: defaults to ``in_channels``.
         channels: feature channels per level.
         attention_levels: self-attention per level (keep False at fine levels on CPU).
@@ -41,7 +42,7 @@ class ConditionalUNet(nn.Module):
         self,
         spatial_dims: int = 2,
         in_channels: int = 1,
-        cond_channels: int = 1,
+        cond_channels: int | None = 1,
         out_channels: int | None = None,
         channels: Sequence[int] = (32, 64, 64),
         attention_levels: Sequence[bool] | None = None,
@@ -58,6 +59,8 @@ class ConditionalUNet(nn.Module):
                        "num_head_channels": num_head_channels, "mid_attention": mid_attention}
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if cond_channels is None:
+            raise ValueError("cond_channels is null: medidiff fit fills it from the data card; give a number here")
         self.spatial_dims, self.in_channels, self.cond_channels = spatial_dims, in_channels, cond_channels
         self.out_channels = out_channels or in_channels
         self.unet = DiffusionModelUNet(
@@ -92,12 +95,14 @@ class PlainUNet(nn.Module):
         channels, strides, num_res_units: as in ``monai.networks.nets.UNet``.
     """
 
-    def __init__(self, spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2,
+    def __init__(self, spatial_dims: int = 2, in_channels: int | None = 1, out_channels: int = 2,
                  channels: Sequence[int] = (16, 32, 64, 128), strides: Sequence[int] = (2, 2, 2),
                  num_res_units: int = 2):
         super().__init__()
         from monai.networks.nets import UNet
 
+        if in_channels is None:
+            raise ValueError("in_channels is null: medidiff fit fills it from the data card; give a number here")
         self.config = {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
                        "channels": list(channels), "strides": list(strides), "num_res_units": num_res_units}
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels

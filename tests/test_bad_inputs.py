@@ -172,7 +172,8 @@ def test_fit_refuses_bad_training_data(tmp_path, capsys, name, make, fragments):
 def test_fit_refuses_wrong_channel_count(tmp_path, capsys):
     save(tmp_path / "img.nii.gz", small_scan()), save(tmp_path / "seg.nii.gz", small_labels())
     card = write_card(tmp_path, channels=("T1", "T2"))
-    user_error(capsys, fit_argv(card, tmp_path / "run"), "img.nii.gz", "1 channel(s) but 2 expected")
+    argv = fit_argv(card, tmp_path / "run") + ["--model.init_args.net.init_args.cond_channels", "2"]
+    user_error(capsys, argv, "img.nii.gz", "1 channel(s) but 2 expected")
     assert_no_checkpoint(tmp_path / "run")
 
 

@@ -32,7 +32,8 @@ TASKS = ("segmentation", "restoration", "superres", "fusion")
 _TOP = {"name": True, "description": True, "source": True, "licence": True, "modality": True,
         "spatial_dims": True, "tasks": True, "inputs": True, "splits": True, "citation": False,
         "root": False, "labels": False, "label_remap": False, "label_others": False, "spacing": False,
-        "orientation": False, "slice_axis": False, "derive": False, "caveats": False}
+        "orientation": False, "slice_axis": False, "derive": False, "caveats": False,
+        "label_channel": False, "label_threshold": False}
 _INPUT = {"channels": True, "normalise": True, "use": False, "modality": False}
 _NORMALISE = {"method": True, "low": False, "high": False, "lower": False, "upper": False}
 _SPLIT = {"pattern": False, "ids": False, "take": False, "cases": False, "slices": False}
@@ -90,6 +91,8 @@ class DataCard:
     slice_axis: int = 2
     derive: dict[str, dict[str, Any]] = field(default_factory=dict)
     caveats: tuple[str, ...] = ()
+    label_channel: int | None = None
+    label_threshold: float | None = None
 
     @property
     def num_classes(self) -> int:
@@ -137,6 +140,7 @@ def load_card(name_or_path: str | os.PathLike, *, check_files: bool = True) -> D
         if needed not in splits:
             raise MedidiffError(f"splits: missing required split '{needed}'", path)
     citation = raw.get("citation")
+    label_channel, label_threshold = _label_reading(raw, labels, path)
     card = DataCard(
         name=_text(raw["name"], "name", path), description=_text(raw["description"], "description", path),
         source=_text(raw["source"], "source", path), licence=_text(raw["licence"], "licence", path),
@@ -145,6 +149,7 @@ def load_card(name_or_path: str | os.PathLike, *, check_files: bool = True) -> D
         citation=None if citation is None else _text(citation, "citation", path), labels=labels,
         label_remap=remap, label_others=others, spacing=spacing, orientation=orientation, slice_axis=slice_axis,
         derive=derive, caveats=_texts(raw.get("caveats") or [], "caveats", path),
+        label_channel=label_channel, label_threshold=label_threshold,
     )
     if check_files:
         _check_files(card)
@@ -359,6 +364,20 @@ def _remap(raw: Any, others: Any, labels: dict[str, int], path: Path) -> tuple[d
     remap = None if raw is None else {_integer(k, "label_remap key", path): to_class(v, f"label_remap.{k}")
                                       for k, v in raw.items()}
     return remap, None if others is None else to_class(others, "label_others")
+
+
+def _label_reading(raw: dict, labels: dict[str, int], path: Path) -> tuple[int | None, float | None]:
+    """``label_channel``: the channel of colour mask files (RGB / JPEG) holding the mask; ``label_threshold``:
+    values above it are the foreground class 1 (masks stored 0/255 or with JPEG noise), others background."""
+    channel = raw.get("label_channel")
+    channel = None if channel is None else _integer(channel, "label_channel", path, low=0, high=3)
+    threshold = raw.get("label_threshold")
+    threshold = None if threshold is None else _number(threshold, "label_threshold", path)
+    if threshold is not None and sorted(labels.values()) != [0, 1]:
+        raise MedidiffError(f"label_threshold makes binary masks (0 and 1), but labels name {labels}", path)
+    if threshold is not None and raw.get("label_remap") is not None:
+        raise MedidiffError("give label_threshold or label_remap, not both: thresholded masks are 0 and 1", path)
+    return channel, threshold
 
 
 def _derive(key: str, raw: Any, path: Path) -> dict[str, Any]:

@@ -89,9 +89,27 @@ class LoadCased(MapTransform):
             channels = len(spec.channels) if spec else 1
             # Multi-channel volumes are 4D on disk, so only single-channel ones can be held to 3D.
             ndim = self.card.spatial_dims if channels == 1 or self.card.spatial_dims == 2 else None
+            if key == "label" and (self.card.label_channel is not None or self.card.label_threshold is not None):
+                d[key] = self._mask(d[key], ndim)
+                continue
             kind = "label" if key in ("label", "fov") else "image"
             d[key] = io.read(d[key], kind=kind, expected_ndim=ndim, channels=channels)
         return d
+
+    def _mask(self, path: str, ndim: int | None) -> MetaTensor:
+        """A mask stored as a (colour) image: the card's channel, thresholded to 0 / 1 when it says so."""
+        image = io.read(path, expected_ndim=ndim)
+        channel = self.card.label_channel or 0
+        if channel >= image.shape[0]:
+            raise MedidiffError(f"label_channel {channel} of the card {self.card.path.name}, but the mask has "
+                                f"{image.shape[0]} channel(s)", path)
+        mask = image[channel:channel + 1]
+        if self.card.label_threshold is not None:
+            return like(mask, (mask.as_tensor() > self.card.label_threshold).long())
+        if not torch.equal(mask.as_tensor(), mask.as_tensor().round()):
+            raise MedidiffError("is read as a label map but holds non-integer values (a JPEG mask? set "
+                                "label_threshold in the card)", path)
+        return like(mask, mask.as_tensor().long())
 
 
 class SelectChannelsd(MapTransform):
@@ -138,6 +156,33 @@ class RemapLabelsd(MapTransform):
             out = np.where(known, self.classes[pos], self.card.label_others or 0)
             d[key] = like(label, torch.from_numpy(out))
         return d
+
+
+class ForegroundPatchd(MapTransform):
+    """Crop ``roi_size`` around the foreground voxel of ``label_key`` nearest the centre of the foreground's
+    bounding box (deterministic; the image centre when there is no foreground). Inputs are at least
+    ``roi_size`` (pad first)."""
+
+    def __init__(self, keys: Sequence[str], label_key: str, roi_size: Sequence[int]):
+        super().__init__(keys)
+        self.label_key, self.roi_size = label_key, [int(r) for r in roi_size]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.transforms import SpatialCropd
+
+        d = dict(data)
+        label = torch.as_tensor(d[self.label_key])[0]
+        spatial = torch.tensor(label.shape)
+        found = (label > 0).nonzero()
+        if found.numel() == 0:
+            centre = spatial // 2
+        else:
+            middle = (found.min(0).values + found.max(0).values).float() / 2
+            centre = found[((found.float() - middle) ** 2).sum(1).argmin()]
+        size = torch.tensor(self.roi_size)
+        start = (centre - size // 2).clamp(min=0)
+        start = torch.minimum(start, spatial - size)
+        return SpatialCropd(self.keys, roi_start=start.tolist(), roi_end=(start + size).tolist())(d)
 
 
 class IntensityBoundsd(MapTransform):

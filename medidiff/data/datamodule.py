@@ -189,7 +189,8 @@ class MedicalDataModule(LightningDataModule):
                                       label_key="label" if self._segmentation else None,
                                       num_samples=self.hparams.samples_per_case, flips=self.hparams.augment)
             return self._dataset_of(data, self._compose(split, pre + sample + finish), patches=True)
-        crop = T.centre_patch(spatial_keys, self.patch_size) if split == "val" else []
+        foreground = "label" if self._segmentation else None
+        crop = T.centre_patch(spatial_keys, self.patch_size, foreground) if split == "val" else []
         if not sliced:
             return self._dataset_of(data, self._compose(split, pre + crop + finish))
         volumes = self._dataset_of(data, self._compose(split, pre))

@@ -32,9 +32,11 @@ class UNetSegmenter(SegmentationOutputs, MedidiffModule, L.LightningModule):
 
     task = "segmentation"
 
-    def __init__(self, net: nn.Module, num_classes: int = 2, lr: float = 1e-3, weight_decay: float = 1e-4,
+    def __init__(self, net: nn.Module, num_classes: int | None = 2, lr: float = 1e-3, weight_decay: float = 1e-4,
                  roi_size: Sequence[int] | None = None, threshold: float = 0.5):
         super().__init__()
+        if num_classes is None:
+            raise ValueError("num_classes is null: medidiff fit fills it from the data card; give a number here")
         self.save_hyperparameters(ignore=["net"])
         self.net = net
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)

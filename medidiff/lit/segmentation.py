@@ -52,8 +52,21 @@ class SegmentationOutputs:
             pred, ref = pred * (region > 0), ref * (region > 0)
         if self.hparams.num_classes == 2:
             pred, ref = torch.cat([1 - pred, pred], 1), torch.cat([1 - ref, ref], 1)
+        found = int(ref[:, 1:].sum() > 0)  # patches with foreground this epoch (for the warning below)
+        self._validation_foreground = (getattr(self, "_validation_foreground", None) or 0) + found
         dice = compute_dice(pred, ref, include_background=False, ignore_empty=True)
         return {"dice": float(dice.nanmean())}
+
+    def on_validation_epoch_end(self) -> None:
+        """Warn when no sampled validation patch held any foreground: val/dice was NaN for the whole epoch."""
+        super().on_validation_epoch_end()
+        if getattr(self, "_validation_foreground", None) == 0 and not getattr(self.trainer, "sanity_checking", False):
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn("validation: no sampled validation patch holds any foreground, so val/dice is NaN; the "
+                           "card's val cases may have empty label maps (check label_remap / label_threshold), or "
+                           "raise model.init_args.val_sampling_batches")
+        self._validation_foreground = None
 
 
 class SegmentationDiffusion(SegmentationOutputs, DiffusionModule):
@@ -68,8 +81,10 @@ class SegmentationDiffusion(SegmentationOutputs, DiffusionModule):
 
     task = "segmentation"
 
-    def __init__(self, num_classes: int = 2, dice_weight: float = 1.0, threshold: float = 0.5, **kwargs: Any):
+    def __init__(self, num_classes: int | None = 2, dice_weight: float = 1.0, threshold: float = 0.5, **kwargs: Any):
         super().__init__(**kwargs)
+        if num_classes is None:
+            raise ValueError("num_classes is null: medidiff fit fills it from the data card; give a number here")
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background and must be >= 2, got {num_classes}")
         self.save_hyperparameters("num_classes", "dice_weight", "threshold")
