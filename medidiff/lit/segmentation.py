@@ -60,7 +60,7 @@ class SegmentationOutputs:
     def on_validation_epoch_end(self) -> None:
         """Warn when no sampled validation patch held any foreground: val/dice was NaN for the whole epoch."""
         super().on_validation_epoch_end()
-        if getattr(self, "_validation_foreground", None) == 0 and not getattr(self.trainer, "sanity_checking", False):
+        if getattr(self, "_validation_foreground", None) == 0 and not getattr(self._trainer, "sanity_checking", False):
             from lightning.pytorch.utilities import rank_zero_warn
 
             rank_zero_warn("validation: no sampled validation patch holds any foreground, so val/dice is NaN; the "
