@@ -63,7 +63,8 @@ def main() -> None:
             optimizer.step()
             step += time.perf_counter() - start
             done += 1
-    print(f"{args.config}: {done} batches, data {fetch / done * 1e3:.0f} ms/batch, step {step / done * 1e3:.0f} ms/batch,"
+    print(f"{args.config}: {done} batches, data {fetch / done * 1e3:.0f} ms/batch, "
+          f"step {step / done * 1e3:.0f} ms/batch,"
           f" waiting for data {100 * fetch / (fetch + step):.1f} % of the time")
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
 

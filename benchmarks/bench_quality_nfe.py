@@ -130,7 +130,8 @@ def main() -> None:
         print(f"{name:34s} {nfe:5d} {statistics.mean(scores):7.3f} {statistics.mean(gaps):+12.3f} {se:10.3f} "
               f"{seconds:6.0f}s")
     print(f"(standard error of the DDPM mean itself: {spread:.3f}{unit})")
-    print(f"\nwall time {time.perf_counter() - start:.0f} s on {platform.machine()}, {torch.get_num_threads()} threads, "
+    print(f"\nwall time {time.perf_counter() - start:.0f} s on {platform.machine()}, "
+          f"{torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
 
 

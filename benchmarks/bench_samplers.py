@@ -94,7 +94,8 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     rows = quality_table(args.seed)
-    print(f"Gaussian mixture, 32768 samples, sigma {SIGMA_MIN:.4f}..{SIGMA_MAX:.1f} (linear DDPM, T=1000), seed {args.seed}")
+    print(f"Gaussian mixture, 32768 samples, sigma {SIGMA_MIN:.4f}..{SIGMA_MAX:.1f} (linear DDPM, T=1000), "
+          f"seed {args.seed}")
     print(f"W1 floor (fresh exact samples of the same size): {rows[0]['w1_floor']:.2e}")
     print(f"{'sampler':14s}{'grid':13s}{'NFE':>5s}{'W1':>11s}{'ODE RMSE':>11s}")
     for row in rows:

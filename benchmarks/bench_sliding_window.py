@@ -153,7 +153,8 @@ def main() -> None:
     for name, r in (("fixed", fixed), ("shifted", shifted)):
         print(f"{name:>12s} {r['border_ratio']:20.3f} {r['input_border_ratio']:18.3f} {r['spike']:12.3f} "
               f"{r['input_spike']:12.3f}")
-    print(f"\nwall time {time.perf_counter() - start:.0f} s on {platform.machine()}, {torch.get_num_threads()} threads, "
+    print(f"\nwall time {time.perf_counter() - start:.0f} s on {platform.machine()}, "
+          f"{torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
 
 

@@ -50,7 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="score predictions against references, file to file")
     evaluate.add_argument("--task", choices=TASK_NAMES, required=True)
     evaluate.add_argument("--pred", type=Path, help="a prediction file, or a folder of them")
-    evaluate.add_argument("--ref", type=Path, help="a reference file, or a folder (segmentation, restoration, superres)")
+    evaluate.add_argument("--ref", type=Path,
+                          help="a reference file, or a folder (segmentation, restoration, superres)")
     evaluate.add_argument("--pairs", type=Path,
                           help="CSV with a header naming pred,ref[,region] (fusion pred,source_a,source_b) and one "
                                "row per case, instead of folders paired by case name")

@@ -211,7 +211,8 @@ def run_demo(out: str | Path, *, steps: int = 10, ensemble: int = 3, only: list[
         options = SamplingOptions(sampler="dpmpp_2m", steps=steps, grid="exponential",
                                   ensemble=ensemble if name.startswith("segmentation") else 1, seed=0)
         row = task(out, options, log)
-        row["NFE"], row["ensemble"], row["seconds"] = steps, options.ensemble, round(time.perf_counter() - task_start, 1)
+        seconds = round(time.perf_counter() - task_start, 1)
+        row["NFE"], row["ensemble"], row["seconds"] = steps, options.ensemble, seconds
         rows.append(row)
     total = time.perf_counter() - started
     report = out / "report.md"

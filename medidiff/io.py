@@ -21,7 +21,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from medidiff.errors import MedidiffError
 

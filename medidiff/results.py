@@ -66,7 +66,8 @@ def run_image_row(task: str, row: Row, out: Path, ref: Path, data_range: float) 
 
 def image_table(rows: list[dict]) -> str:
     """Markdown table of image-task rows."""
-    lines = ["| row | infer arguments | n | PSNR | SSIM | NMSE | wall time | machine |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | infer arguments | n | PSNR | SSIM | NMSE | wall time | machine |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         args = f"`{r['args']}`" if r["args"] else r["note"] or "—"
         time = f"{r['seconds']:.0f} s" if r["seconds"] else "—"

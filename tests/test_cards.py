@@ -104,7 +104,8 @@ def test_unknown_id_and_missing_root(tmp_path):
     ("edit", "message"),
     [
         (lambda c: c.update(labels={"background": 0, "organ": 2}), "contiguous integers"),
-        (lambda c: c.update(label_remap={0: "background", 255: "organs"}), "'organs' is not a label.*did you mean 'organ'"),
+        (lambda c: c.update(label_remap={0: "background", 255: "organs"}),
+         "'organs' is not a label.*did you mean 'organ'"),
         (lambda c: c.update(tasks=["segmentaton"]), "did you mean 'segmentation'"),
         (lambda c: c["inputs"]["image"]["normalise"].update(method="zscore"), "normalise.method must be one of"),
         (lambda c: c["inputs"]["image"]["normalise"].pop("high"), "missing required key 'high'"),
@@ -128,7 +129,8 @@ def test_unknown_card_name_hints():
 def test_package_root_and_shared_override(tmp_path, monkeypatch):
     raw = minimal_card(tmp_path)
     raw["root"] = "package:medidiff/sample_data/totalseg_ct"
-    raw["splits"] = {s: {"cases": [{"id": "a", "image": "ct_a.nii.gz", "label": "seg_a.nii.gz"}]} for s in ("train", "val")}
+    case = {"id": "a", "image": "ct_a.nii.gz", "label": "seg_a.nii.gz"}
+    raw["splits"] = {s: {"cases": [case]} for s in ("train", "val")}
     card = load_card(save(tmp_path, raw))
     assert card.root == PACKAGED_CARDS.parent / "totalseg_ct"
     monkeypatch.setenv("MEDIDIFF_SHARED_DATA", str(tmp_path))

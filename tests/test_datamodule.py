@@ -78,7 +78,8 @@ def test_segmentation_2d_slices_of_3d():
 
 def test_restoration_2d_and_determinism():
     kw = dict(spatial_dims=2, patch_size=[32, 32], degradation={"rician": {"std": [0.02, 0.05]}}, **SMALL)
-    dm1, dm2 = MedicalDataModule("sample_mni", "restoration", **kw), MedicalDataModule("sample_mni", "restoration", **kw)
+    dm1 = MedicalDataModule("sample_mni", "restoration", **kw)
+    dm2 = MedicalDataModule("sample_mni", "restoration", **kw)
     b1, b2 = first(dm1.train_dataloader()), first(dm2.train_dataloader())
     check_image(b1["image"], 1, 1, (32, 32))
     assert b1["condition"].shape == b1["image"].shape and not torch.equal(b1["condition"], b1["image"])
@@ -143,7 +144,8 @@ def oblique_card(tmp_path: Path, label: np.ndarray | None = None, label_affine=N
         case["label"] = "seg.nii.gz"
     card = {"name": "oblique", "description": "d", "source": "s", "licence": "l", "modality": "CT",
             "spatial_dims": 3, "tasks": ["segmentation", "restoration"], "root": "${card}",
-            "inputs": {"image": {"channels": list(channels), "normalise": {"method": "window", "low": -300, "high": 300}}},
+            "inputs": {"image": {"channels": list(channels),
+                                 "normalise": {"method": "window", "low": -300, "high": 300}}},
             "labels": {"background": 0, "organ": 1}, "spacing": [1.5, 1.5, 1.5],
             "splits": {s: {"cases": [case]} for s in ("train", "val", "test")}}
     (tmp_path / "card.yaml").write_text(yaml.safe_dump(card))

@@ -5,7 +5,6 @@ colour), configs and the command line."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -169,7 +168,8 @@ def fusion_infer(a, b, out, *, module=None, method="diffusion", options=None):
 def test_misregistered_pngs_give_an_error_naming_both_files(tmp_path):
     io.write_png(np.zeros((32, 32), np.uint8), tmp_path / "a.png")
     io.write_png(np.zeros((32, 30), np.uint8), tmp_path / "b.png")
-    with pytest.raises(MedidiffError, match=r"b\.png: source shape \(32, 30\) differs from image shape \(32, 32\) .*a\.png"):
+    expected = r"b\.png: source shape \(32, 30\) differs from image shape \(32, 32\) .*a\.png"
+    with pytest.raises(MedidiffError, match=expected):
         fusion_infer(tmp_path / "a.png", tmp_path / "b.png", tmp_path / "out", method="average")
 
 

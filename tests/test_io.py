@@ -49,7 +49,8 @@ def write_dicom_series(folder: Path, volume: np.ndarray, spacing=(0.5, 0.6, 2.0)
         s = sitk.GetImageFromArray(volume[:, :, z].T.astype(np.int16)[None])  # (1, y, x)
         s.SetSpacing(spacing)
         s.SetOrigin((origin[0], origin[1], origin[2] + z * spacing[2]))
-        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1", "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
+        tags = {"0008|0060": "CT", "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+                "0020|000e": "1.2.826.0.1.3680043.2.1125.2",
                 "0020|0013": str(z + 1), "0020|0032": "\\".join(str(v) for v in s.GetOrigin()),
                 "0020|0037": "1\\0\\0\\0\\1\\0", "0008|0018": f"1.2.826.0.1.3680043.2.1125.3.{z}",
                 "0028|0030": f"{spacing[1]}\\{spacing[0]}", "0018|0050": str(spacing[2])}

@@ -190,7 +190,8 @@ def test_validation_patches_hold_the_foreground_and_its_absence_warns(tmp_path):
     from medidiff.lit import SegmentationDiffusion
     from medidiff.nets import ConditionalUNet
 
-    module = SegmentationDiffusion(net=ConditionalUNet(2, 1, 1, channels=[8, 8], norm_num_groups=4, num_head_channels=8))
+    net = ConditionalUNet(2, 1, 1, channels=[8, 8], norm_num_groups=4, num_head_channels=8)
+    module = SegmentationDiffusion(net=net)
     empty = torch.zeros(1, 1, 8, 8, dtype=torch.long)
     module.sample_metrics(torch.zeros(1, 1, 1, 8, 8), {"label": empty})
     with pytest.warns(UserWarning, match="no sampled validation patch holds any foreground"):

@@ -288,7 +288,8 @@ def _tasks(raw: Any, path: Path) -> tuple[str, ...]:
     for task in tasks:
         if not isinstance(task, str) or task not in TASKS:
             hint = difflib.get_close_matches(str(task), TASKS, n=1)
-            raise MedidiffError(f"tasks: unknown task '{task}'" + (f"; did you mean '{hint[0]}'?" if hint else ""), path)
+            raise MedidiffError(f"tasks: unknown task '{task}'" + (f"; did you mean '{hint[0]}'?" if hint else ""),
+                                path)
     return tasks
 
 

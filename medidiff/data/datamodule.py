@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningDataModule
 from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
-from monai.transforms import DeleteItemsd, Compose
+from monai.transforms import Compose, DeleteItemsd
 from torch.utils.data import ConcatDataset
 
 from medidiff.data import transforms as T

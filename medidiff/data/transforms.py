@@ -51,7 +51,8 @@ from medidiff.data.custom import (
 )
 from medidiff.errors import MedidiffError
 
-__all__ = ["Task", "Stage", "preprocess", "standardise", "train_sampling", "centre_patch", "slice_of", "finish", "invert", "apply",
+__all__ = ["Task", "Stage", "preprocess", "standardise", "train_sampling", "centre_patch", "slice_of", "finish",
+           "invert", "apply",
            "user_errors"]
 
 Task = Literal["segmentation", "restoration", "superres", "fusion"]

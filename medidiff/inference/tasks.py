@@ -184,7 +184,8 @@ def segmentation_outputs(module: Any, probs: Tensor, fusion: str) -> dict[str, O
         raise MedidiffError(f"unknown ensemble fusion '{fusion}'; choose mean, vote or staple")
     class_probs = np.concatenate([1 - p, p], axis=1) if binary else p
     maps = {"seg": np.asarray(labels)[None].astype(np.int16), "prob": p.mean(0),
-            "entropy": predictive_entropy(class_probs)[None], "variance": ensemble_variance(class_probs).sum(0, keepdims=True)}
+            "entropy": predictive_entropy(class_probs)[None],
+            "variance": ensemble_variance(class_probs).sum(0, keepdims=True)}
     return {name: Output(torch.from_numpy(np.ascontiguousarray(array)), "label" if name == "seg" else "map")
             for name, array in maps.items()}
 

@@ -208,7 +208,7 @@ def vif(ref: np.ndarray, dist: np.ndarray, *, sigma_nsq: float = 2.0) -> float:
     eps, num, den = 1e-10, 0.0, 0.0
     for scale in range(4):
         win = _gaussian_window(2 ** (4 - scale) + 1)
-        filt = lambda x: fftconvolve(x, win, mode="valid")  # noqa: E731 (the window is symmetric)
+        filt = lambda x, win=win: fftconvolve(x, win, mode="valid")  # noqa: E731 (the window is symmetric)
         if scale > 0:  # low-pass then decimate to the next scale
             ref, dist = filt(ref)[::2, ::2], filt(dist)[::2, ::2]
         mu1, mu2 = filt(ref), filt(dist)

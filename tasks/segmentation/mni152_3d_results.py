@@ -74,7 +74,8 @@ def main() -> None:
     print("\n| row | infer arguments | Dice GM | Dice WM | Dice mean | HD95 mean (mm) | wall time | machine |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['row']} | `{r['args'] or '(checkpoint defaults)'}` | {r.get('dice_grey_matter', float('nan')):.3f} | "
+        print(f"| {r['row']} | `{r['args'] or '(checkpoint defaults)'}` | "
+              f"{r.get('dice_grey_matter', float('nan')):.3f} | "
               f"{r.get('dice_white_matter', float('nan')):.3f} | {r['dice_mean']:.3f} | {r['hd95_mean']:.2f} | "
               f"{r['seconds']:.0f} s | {machine()} |")
     (args.out / "rows.json").write_text(json.dumps(rows, indent=1))

@@ -14,7 +14,8 @@ import numpy as np
 
 from medidiff import io
 
-ROWS = {"reference": "cases/reference", "trilinear from the 4 mm input": "cases/trilinear", "cubic + DC": "cases/cubic_dc",
+ROWS = {"reference": "cases/reference", "trilinear from the 4 mm input": "cases/trilinear",
+        "cubic + DC": "cases/cubic_dc",
         "UNet + DC": "unet_dc", "diffusion + DC, 5 NFE": "diffusion_dc_nfe5"}
 
 

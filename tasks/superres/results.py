@@ -70,7 +70,8 @@ def main() -> None:
     parser.add_argument("--nfe", default="5,10,20", help="sampler steps of the diffusion rows with consistency")
     args = parser.parse_args()
     refs, inputs, baselines = held_aside_case(args.out)
-    plan = [Row(name, folder, note=f"{name.replace('_dc', ' + DC')} interpolation") for name, folder in baselines.items()]
+    plan = [Row(name, folder, note=f"{name.replace('_dc', ' + DC')} interpolation")
+            for name, folder in baselines.items()]
     if args.unet:
         plan += [Row("unet", inputs, args.unet, ["--no-consistency"]), Row("unet_dc", inputs, args.unet)]
     if args.diffusion:
