@@ -45,7 +45,7 @@ def build_contract(datamodule: Any, module: Any) -> dict[str, Any]:
     keys = ("source_a", "source_b") if datamodule.task == "fusion" else ("image",)
     train_cases = card.splits["train"].cases[: hp.limit_cases]
     inputs = {key: input_entry(card.inputs[key], [case[key] for case in train_cases], card.spatial_dims)
-              for key in keys}
+              | {"modality": card.inputs[key].modality or card.modality} for key in keys}
     contract = {
         "version": 1, "task": datamodule.task,
         "spatial_dims": int(getattr(getattr(module, "net", None), "spatial_dims", datamodule.spatial_dims)),
@@ -212,6 +212,11 @@ def expectation(entry: dict[str, Any]) -> str:
     return text
 
 
+def _first_sentence(text: str, limit: int = 160) -> str:
+    sentence = " ".join(text.split()).split(". ")[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + " ..."
+
+
 def _ordinal(level: str) -> str:
     return {"1": "1st", "99": "99th"}[level]
 
@@ -227,7 +232,7 @@ def describe(contract: dict[str, Any]) -> str:
     dims = f"{contract['spatial_dims']}D"
     if contract["spatial_dims"] < contract["data_dims"]:
         dims += f" (slices of 3D volumes along axis {contract['slice_axis']})"
-    text = f"trained on '{card.get('name', '?')}' ({card.get('description', '').strip()[:160]}); {dims}; {entries}"
+    text = f"trained on '{card.get('name', '?')}' ({_first_sentence(card.get('description', ''))}); {dims}; {entries}"
     if contract.get("spacing"):
         text += f"; resampled to {contract['spacing']} mm"
     if contract.get("labels"):

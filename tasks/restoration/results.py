@@ -59,10 +59,11 @@ def main() -> None:
     args = parser.parse_args()
     refs, inputs, mask = held_aside_cases(args.out)
     dc = ["--mask", str(mask)]
+    no_dc = ["--allow", "degradation"]  # a k-space model run without its mask: what consistency adds
     plan = [Row("zero_filled", inputs, note="the input itself"),
-            Row("unet", inputs, args.unet, note="no consistency"),
+            Row("unet", inputs, args.unet, no_dc, note="no consistency"),
             Row("unet_dc", inputs, args.unet, dc),
-            Row("diffusion_nfe10", inputs, args.diffusion, ["--steps", "10"])]
+            Row("diffusion_nfe10", inputs, args.diffusion, ["--steps", "10", *no_dc])]
     plan += [Row(f"diffusion_dc_nfe{n}", inputs, args.diffusion, ["--steps", n, *dc]) for n in args.nfe.split(",")]
     plan += [Row("diffusion_dc_nfe10_ens4", inputs, args.diffusion, ["--steps", "10", "--ensemble", "4", *dc])]
     rows = [run_image_row("restoration", row, args.out, refs, DATA_RANGE) for row in plan]
