@@ -185,38 +185,6 @@ class ForegroundPatchd(MapTransform):
         return SpatialCropd(self.keys, roi_start=start.tolist(), roi_end=(start + size).tolist())(d)
 
 
-class IntensityBoundsd(MapTransform):
-    """Record the intensities that a card's normalisation maps to 0 and 1, per channel, as ``<key>_bounds``
-    ``(C, 2)`` float64, so that image outputs can be mapped back to the input's units (:func:`denormalise`).
-    Percentiles come from MONAI's own routine, the one ``ScaleIntensityRangePercentilesd`` uses after it."""
-
-    def __init__(self, keys: Sequence[str], normalise: Mapping[str, Any]):
-        super().__init__(keys)
-        self.normalise = dict(normalise)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from monai.transforms.utils_pytorch_numpy_unification import percentile
-
-        d = dict(data)
-        for key in self.key_iterator(d):
-            image, norm = torch.as_tensor(d[key]), self.normalise
-            if norm["method"] == "window":
-                rows = [[float(norm["low"]), float(norm["high"])]] * image.shape[0]
-            else:
-                rows = [[float(percentile(channel, norm["lower"])), float(percentile(channel, norm["upper"]))]
-                        for channel in image]
-            d[f"{key}_bounds"] = torch.tensor(rows, dtype=torch.float64)
-        return d
-
-
-def denormalise(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """``(C, *spatial)`` in [0, 1] back to intensities, with :class:`IntensityBoundsd`'s ``(C, 2)`` bounds
-    (one row serves every channel when there is one)."""
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    low, high = (bounds[:, i].to(torch.float32).reshape(shape).to(x.device) for i in (0, 1))
-    return x * (high - low) + low
-
-
 class DeriveTissueLabeld(MapTransform):
     """Background / tissue label map from probability maps: ``1 + argmax`` where the winning
     probability reaches ``threshold``, else 0 (MNI152 GM/WM -> background/GM/WM). Drops the inputs."""

@@ -11,7 +11,7 @@ the processed grid maps back onto the original scan with :func:`invert`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -43,7 +43,6 @@ from medidiff.data.custom import (
     Degraded,
     DeriveTissueLabeld,
     ForegroundPatchd,
-    IntensityBoundsd,
     LoadCased,
     RemapLabelsd,
     SelectChannelsd,
@@ -272,6 +271,30 @@ def user_errors(call: Callable[[], Any]) -> Any:
         if cause is not None:
             raise cause from None
         raise
+
+
+class IntensityBoundsd(MapTransform):
+    """Record the intensities that a card's normalisation maps to 0 and 1, per channel, as ``<key>_bounds``
+    ``(C, 2)`` float64, so that image outputs can be mapped back to the input's units (:func:`denormalise`).
+    Percentiles come from MONAI's own routine, the one ``ScaleIntensityRangePercentilesd`` uses after it."""
+
+    def __init__(self, keys: Sequence[str], normalise: Mapping[str, Any]):
+        super().__init__(keys)
+        self.normalise = dict(normalise)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        from monai.transforms.utils_pytorch_numpy_unification import percentile
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image, norm = torch.as_tensor(d[key]), self.normalise
+            if norm["method"] == "window":
+                rows = [[float(norm["low"]), float(norm["high"])]] * image.shape[0]
+            else:
+                rows = [[float(percentile(channel, norm["lower"])), float(percentile(channel, norm["upper"]))]
+                        for channel in image]
+            d[f"{key}_bounds"] = torch.tensor(rows, dtype=torch.float64)
+        return d
 
 
 def _normaliser(key: str, spec: InputSpec) -> MapTransform:

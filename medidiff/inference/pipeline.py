@@ -30,7 +30,7 @@ from monai.transforms import Compose
 from medidiff import io
 from medidiff.data import transforms as T
 from medidiff.data.cards import InputSpec
-from medidiff.data.custom import denormalise, rgb_to_ycbcr
+from medidiff.data.custom import rgb_to_ycbcr
 from medidiff.errors import MedidiffError
 from medidiff.inference.contract import check_intensities, expectation
 from medidiff.inference.tasks import Case, Output, TaskAdapter
@@ -278,6 +278,14 @@ def restore(output: Output, case: Case, adapter: TaskAdapter, pipeline: Compose)
     if output.kind == "image" and not _png_main(adapter, case):
         array = denormalise(array, case.images[f"{role}_bounds"])
     return array.round().to(torch.int16) if output.kind == "label" else array
+
+
+def denormalise(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """``(C, *spatial)`` in [0, 1] back to intensities, with :class:`IntensityBoundsd`'s ``(C, 2)`` bounds
+    (one row serves every channel when there is one)."""
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    low, high = (bounds[:, i].to(torch.float32).reshape(shape).to(x.device) for i in (0, 1))
+    return x * (high - low) + low
 
 
 def _png_main(adapter: TaskAdapter, case: Case) -> bool:
