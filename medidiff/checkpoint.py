@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from medidiff.errors import MedidiffError
 
@@ -28,11 +30,15 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MedidiffError("checkpoint not found", path)
+    if path.stat().st_size == 0:
+        raise MedidiffError("is an empty file, not a checkpoint", path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise MedidiffError(f"refused to load: the checkpoint holds pickled Python objects, not only weights, "
-                            f"and loading them could run code ({str(err).splitlines()[0][:200]})", path) from None
+        found = re.search(r"(?:GLOBAL|global) ([\w.]+)", str(err))
+        names = f" (it names {found.group(1)})" if found else ""
+        raise MedidiffError(f"refused to load: the checkpoint holds pickled Python objects{names} besides weights, "
+                            "and loading them could run code; medidiff loads weights only", path) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise MedidiffError(f"is not a readable checkpoint ({str(err).splitlines()[0][:200]})", path) from None
     if not isinstance(content, dict) or not isinstance(content.get("state_dict"), dict) \
@@ -60,6 +66,13 @@ def build_network(config: dict[str, Any], path: str | os.PathLike) -> torch.nn.M
         return cls(**init_args)
     except (TypeError, ValueError, AssertionError) as err:
         raise MedidiffError(f"network settings do not fit {class_path} ({str(err)[:300]})", path) from None
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with every load through :func:`read_checkpoint` (``weights_only`` ignored)."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return read_checkpoint(path)
 
 
 def checkpoint_record(content: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
@@ -119,6 +132,11 @@ def load_module(path: str | os.PathLike, *, task: str | None = None, spatial_dim
     if missing or unexpected:
         raise MedidiffError(f"weights do not fit the network they claim (missing {missing[:5]}, "
                             f"unexpected {unexpected[:5]})", path)
+    broken = [name for name, tensor in module.state_dict().items()
+              if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if broken:
+        raise MedidiffError(f"holds NaN or infinite weights ({', '.join(broken[:3])}); the training diverged or the "
+                            "file is damaged", path)
     data_hparams = dict(content.get("datamodule_hyper_parameters", {}))
     module.contract = record.get("contract") or _legacy_contract(data_hparams, module, path)
     return module.eval(), data_hparams

@@ -7,6 +7,7 @@ with status 2; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -20,14 +21,57 @@ BOOKKEEPING_HPARAMS = ("net_config", "task", "module")
 
 def run_lightning(argv: Sequence[str]) -> None:
     import warnings
+    from argparse import ArgumentError
 
     import lightning as L
 
     from medidiff.data.datamodule import MedicalDataModule
+    from medidiff.errors import MedidiffError
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-    _cli_class()(L.LightningModule, MedicalDataModule, subclass_mode_model=True, args=list(argv),
-                 save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False)
+    try:
+        _cli_class()(L.LightningModule, MedicalDataModule, subclass_mode_model=True, args=list(argv),
+                     save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
+                     parser_kwargs={"exit_on_error": False})
+    except ArgumentError as err:
+        raise MedidiffError(config_error(str(err))) from None
+
+
+def config_error(message: str) -> str:
+    """A LightningCLI parser error in one line: the key it refused and the accepted key nearest to it."""
+    import difflib
+    import re
+
+    text = " ".join(message.split())
+    found = (re.search(r"Option '([\w.]+)' is not accepted", text) or re.search(r"accept option '([\w.]+)'", text)
+             or re.search(r"unrecognized arguments: --([\w.]+)", text))
+    if not found:
+        return f"the configuration is not valid: {text[:400]}"
+    key = found.group(1)
+    classes = re.findall(r"class_path '([\w.]+)'", text)
+    owner = classes[-1] if classes else {"data": "medidiff.data.datamodule.MedicalDataModule",
+                                         "trainer": "lightning.pytorch.Trainer"}.get(key.split(".")[0], "")
+    hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], _parameters(owner), n=1)
+    where = f" of {owner}" if owner else ""
+    return (f"unknown configuration key '{key}'{where}" + (f"; did you mean '{hint[0]}'?" if hint else "")
+            + " (medidiff fit --help lists them)")
+
+
+def _parameters(class_path: str) -> list[str]:
+    """The keyword arguments ``class_path`` accepts, its base classes' included (they take ``**kwargs``)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names = []
+    for klass in getattr(cls, "__mro__", [cls]):
+        if "__init__" in vars(klass):
+            names += [p for p in inspect.signature(klass.__init__).parameters if p not in ("self", "kwargs")]
+    return names
 
 
 def _cli_class():
@@ -41,11 +85,25 @@ def _cli_class():
     class MedidiffCLI(LightningCLI):
         def before_instantiate_classes(self) -> None:
             """The network's input channels and the classes come from the data card: a value left null is
-            filled from it, one that differs is a one-line error naming both."""
+            filled from it, one that differs is a one-line error naming both. Checkpoints are never loaded with
+            pickled code, and the run folder must be writable before anything starts."""
             subcommand = self.config.get("subcommand")
             config = self.config[subcommand] if subcommand else self.config
+            if config.get("weights_only") is False:
+                raise MedidiffError("--weights_only false is refused: medidiff loads checkpoints as weights only, "
+                                    "so that a checkpoint cannot run code")
             if config.get("data") and config["data"].get("card"):
                 fill_from_card(config)
+            writable_root(config.get("trainer", {}).get("default_root_dir"))
+
+        def instantiate_trainer(self, **kwargs):
+            """Every checkpoint Lightning loads (``--ckpt_path`` of a file, ``last``, ``best``, ``hpc``) goes
+            through :func:`medidiff.checkpoint.read_checkpoint`: weights only, clear errors."""
+            from medidiff.checkpoint import SafeCheckpointIO
+
+            plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+            plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+            return super().instantiate_trainer(**kwargs, plugins=[*plugins, SafeCheckpointIO()])
 
         def _parse_ckpt_path(self) -> None:
             """Lightning feeds a checkpoint's hyperparameters back as model arguments before resuming. Load the
@@ -66,6 +124,22 @@ def _cli_class():
             return None
 
     return MedidiffCLI
+
+
+def writable_root(root) -> None:
+    """Create the run folder now, so that an unwritable place is one line, not a traceback mid-training."""
+    from pathlib import Path
+
+    from medidiff.errors import MedidiffError
+
+    if not root:
+        return
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MedidiffError(f"cannot create the run folder ({err.strerror})", root) from None
+    if not os.access(root, os.W_OK):
+        raise MedidiffError("the run folder is not writable", root)
 
 
 def fill_from_card(config) -> None:

@@ -224,9 +224,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     elif args.ref is None and args.pairs is None:
         raise MedidiffError(f"{args.task} evaluation needs --ref (or a --pairs file)")
     elif args.task == "segmentation":
-        labels, remap = _card_labels(args.card)
+        labels, remap, others = _card_labels(args.card)
         result = E.evaluate_segmentation(args.pred, args.ref, labels=labels, region_dir=args.region,
-                                         label_remap=remap, pred_labels=E.prediction_labels(args.pred),
+                                         label_remap=remap, reference_others=others,
+                                         pred_labels=E.prediction_labels(args.pred),
                                          pairs=args.pairs, out_json=args.out)
     else:
         data_range = args.data_range if args.data_range is not None else _card_range(args.card)
@@ -236,16 +237,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"per-case results: {args.out}")
 
 
-def _card_labels(card_name: str | None) -> tuple[dict[str, int] | None, dict[int, int] | None]:
-    """Foreground classes of the references and the remap of their stored values, from the card."""
+def _card_labels(card_name: str | None) -> tuple[dict[str, int] | None, dict[int, int] | None, int | None]:
+    """Foreground classes of the references, the remap of their stored values and the class of unlisted ones."""
     if card_name is None:
-        return None, None
+        return None, None, None
     from medidiff.data.cards import load_card
 
     card = load_card(card_name, check_files=False)
     # foreground classes only: a background Dice near 1 would inflate every mean
     foreground = {name: value for name, value in card.labels.items() if value != 0}
-    return foreground, dict(card.label_remap) if card.label_remap else None
+    return foreground, dict(card.label_remap) if card.label_remap else None, card.label_others
 
 
 def _card_range(card_name: str | None) -> float | None:

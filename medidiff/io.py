@@ -9,8 +9,10 @@ Formats: NIfTI (nibabel), a DICOM series folder and ``.mha``/``.nrrd`` (SimpleIT
 
 from __future__ import annotations
 
+import gzip
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -130,8 +132,24 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise MedidiffError(f"cannot be read, the file looks corrupt or truncated: its header claims "
                             f"{tuple(shape)} voxels of {dtype} ({claimed} bytes) but the file holds {size} bytes"
                             f"{' compressed' if compressed else ''}", path)
+    if compressed:
+        # decompress the whole stream so that gzip checks its CRC: nibabel reads only the bytes the header asks
+        # for and never reaches the checksum, so flipped bytes inside the data came back as silent garbage
+        img = nib.Nifti1Image.from_bytes(gzip.decompress(path.read_bytes()))
+    _check_voxel_size(type(img.header), path, compressed)
     codes = {"qform_code": int(header["qform_code"]), "sform_code": int(header["sform_code"])}
     return np.asanyarray(img.dataobj), img.affine.astype(np.float64), codes
+
+
+def _check_voxel_size(header_class: Any, path: Path, compressed: bool) -> None:
+    """A zero or negative voxel size in pixdim where no sform overrides it: nibabel silently makes it 1 mm."""
+    with (gzip.open if compressed else open)(path, "rb") as f:
+        raw = header_class.from_fileobj(f, check=False)  # as stored, before nibabel's fixes
+    spatial = int(min(max(int(raw["dim"][0]), 1), 3))
+    zooms = [float(z) for z in raw["pixdim"][1:1 + spatial]]
+    if int(raw["sform_code"]) == 0 and any(not z > 0 for z in zooms):
+        raise MedidiffError(f"has voxel size {tuple(zooms)} in its header (pixdim) and no sform to say otherwise; "
+                            "set the real voxel size", path)
 
 
 def _read_2d(path: Path) -> np.ndarray:
@@ -153,8 +171,11 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise MedidiffError("no DICOM series found in this folder (empty, or files are not DICOM)", folder)
     file_lists = [reader.GetGDCMSeriesFileNames(str(folder), s) for s in series]
     _refuse_unreadable_slices(folder, {Path(f).name for files in file_lists for f in files})
-    # Several series in one folder: take the one with most slices, the usual intent.
-    files = max(file_lists, key=len)
+    if len(file_lists) > 1:  # which one was meant cannot be guessed; picking one scored the wrong scan
+        sizes = ", ".join(f"{len(files)} slices" for files in file_lists)
+        raise MedidiffError(f"holds {len(file_lists)} DICOM series ({sizes}); put each series in a folder of its "
+                            "own", folder)
+    files = file_lists[0]
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOff()
@@ -512,6 +533,21 @@ def atomic_write(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.nii\.gz|\.[A-Za-z0-9]+)$")
+
+
+def clear_partial_writes(folder: str | os.PathLike) -> list[Path]:
+    """Remove what :func:`atomic_write` leaves when its process is killed (``kill -9``, power loss): hidden
+    ``.<name>.<8 random characters><suffix>`` temporaries below ``folder``; other hidden files are kept."""
+    removed = []
+    for path in Path(folder).rglob(".*"):
+        match = _PARTIAL.match(path.name)
+        if path.is_file() and match and match["name"].endswith(match["suffix"]):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def write_json(path: str | os.PathLike, content: Any) -> Path:

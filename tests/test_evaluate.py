@@ -116,11 +116,12 @@ def test_region_folder_restricts_to_the_field_of_view(tmp_path):
     kwargs = {"labels": {"vessel": 1}, "label_remap": {255: 1}}
     whole = evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", **kwargs)
     inside = evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", region_dir=tmp_path / "fov", **kwargs)
-    raw = evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", labels={"vessel": 1})
     assert whole["cases"][0]["dice_vessel"] == pytest.approx(2 * 32 / (64 + 32))
     assert inside["cases"][0]["dice_vessel"] == pytest.approx(1.0)
     assert inside["cases"][0]["region"].endswith("01_test_mask.png")
-    assert raw["cases"][0]["dice_vessel"] == 0.0  # without the remap, 255 is not vessel: the pitfall
+    # without the remap, 255 is no class of the card: refused, not scored as a Dice of 0
+    with pytest.raises(MedidiffError, match=r"value\(s\) \[255\]"):
+        evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", labels={"vessel": 1})
 
 
 def test_missing_partner_names_the_file(seg_folders):

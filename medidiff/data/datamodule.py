@@ -28,6 +28,7 @@ from torch.utils.data import ConcatDataset
 
 from medidiff.data import transforms as T
 from medidiff.data.cards import DataCard, load_card
+from medidiff.data.custom import LoadCased, RemapLabelsd
 from medidiff.errors import MedidiffError
 
 __all__ = ["MedicalDataModule", "SliceDataset", "DEFAULT_DEGRADATION"]
@@ -94,6 +95,8 @@ class MedicalDataModule(LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         for split in wanted.get(stage or "", ("train", "val", "test", "predict")):
             if split not in self.datasets:
+                if split == "train" and self._segmentation:
+                    self._check_foreground()
                 self.datasets[split] = self._dataset(split)
 
     def train_dataloader(self) -> DataLoader:
@@ -213,6 +216,20 @@ class MedicalDataModule(LightningDataModule):
             dataset.track_meta = not patches
             return dataset
         return _Dataset(data, transform)
+
+    def _check_foreground(self) -> None:
+        """Training on label maps that are all background teaches nothing and fails silently: refuse it. Reads
+        the label files only (as stored, through the card's channel, threshold and remap)."""
+        if self.card.derive.get("label"):
+            return  # derived labels come from probability maps; their pipeline checks them
+        cases, _ = self._cases("train")
+        read = Compose([LoadCased(self.card, ["label"]), RemapLabelsd(["label"], self.card)])
+        for case in cases:
+            if bool((T.apply(read, {"label": case["label"]})["label"] > 0).any()):
+                return
+        raise MedidiffError(f"every training label map holds only background (no foreground in "
+                            f"{len(cases)} case(s)); check the card's label_remap / label_threshold and the files",
+                            self.card.path)
 
     def _keys(self, cases: list[dict]) -> list[str]:
         keys = list(self.card.inputs) if self.task == "fusion" else ["image"]

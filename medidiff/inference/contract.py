@@ -151,6 +151,11 @@ def check_intensities(image: torch.Tensor, entry: dict[str, Any], path: Path, al
         _refuse(problem, path, entry, "clipping")
     else:
         record["zero_position"] = measured["zero_position"]
+        bounds = percentile_bounds(image, norm)
+        if bool((bounds[:, 1] - bounds[:, 0] <= 0).any()):
+            raise MedidiffError(f"is (almost) constant: its {norm['lower']:g}th and {norm['upper']:g}th percentile "
+                                f"intensities are equal ({float(bounds[0, 0]):.4g}); nothing for the model to see",
+                                path)
         problem = _zero_position_problem(measured, profile) if "intensity" not in allow else None
         _refuse(problem, path, entry, "intensity")
     return record | {"checked": True, "allowed": sorted(allow & {"intensity", "clipping"})}

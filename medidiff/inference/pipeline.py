@@ -130,6 +130,7 @@ def read_case(case: Case, adapter: TaskAdapter, options: InputOptions) -> Compos
     for role in adapter.roles:
         data[role], specs[role], case.record[role] = read_source(case.sources[role], role, contract,
                                                                  adapter.task, options)
+        case.raw[role] = data[role]
     first = data[adapter.roles[0]]
     case.record["spacing"] = list(first.meta["spacing"])
     spacing = training_spacing(contract, first, adapter.resample)
@@ -304,7 +305,8 @@ def write_case(adapter: TaskAdapter, case: Case, outputs: dict[str, Output], out
     inputs ``<output>/png/<case>_<name>.png``, and ``<output>/provenance/<case>.json`` last.
     """
     source = case.sources[adapter.roles[0]]
-    like = source if source.is_file() else case.images[adapter.roles[0]]
+    # a DICOM series has no file to copy the geometry from: the scan as read carries it (not the resampled one)
+    like = source if source.is_file() else case.raw[adapter.roles[0]]
     written: list[Path] = []
     try:
         for index, (name, out) in enumerate(outputs.items()):
@@ -388,6 +390,8 @@ def infer(adapter: TaskAdapter, inputs: Mapping[str, str | os.PathLike], output:
     """
     output, cases = Path(output), list_cases(inputs)
     check_output_dir(output, [p for case in cases for p in case.sources.values()] + [Path(p) for p in inputs.values()])
+    for stale in io.clear_partial_writes(output):
+        report(f"removed {stale.name}, a partial file of an interrupted run")
     settings = run_settings(adapter, options)
     pending = [case for case in cases if not finished(output, case, settings)]
     if len(pending) < len(cases):

@@ -63,10 +63,12 @@ class Output:
 
 @dataclass
 class Case:
-    """One case: its name, its source files by role, and (once read) its preprocessed tensors."""
+    """One case: its name, its source files by role, and (once read) the images as read (``raw``, the geometry
+    outputs are written on) and preprocessed (``images``)."""
 
     name: str
     sources: dict[str, Path]
+    raw: dict[str, Any] = field(default_factory=dict)
     images: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
 
@@ -346,6 +348,22 @@ def fusion_contract(module: Any = None) -> dict[str, Any]:
             "card": {"name": "none (classical fusion)", "description": "", "modality": ""}}
 
 
+def _check_sampling(options: SamplingOptions, checkpoint: str | Path) -> None:
+    """Sampler settings taken from a checkpoint are as untrusted as the file."""
+    from typing import get_args
+
+    from medidiff.core import SAMPLERS
+    from medidiff.core.denoiser import SigmaGrid
+
+    if options.sampler not in SAMPLERS:
+        raise MedidiffError(f"names an unknown sampler {options.sampler!r}; give one with --sampler", checkpoint)
+    if isinstance(options.steps, bool) or not isinstance(options.steps, int) or options.steps < 1:
+        raise MedidiffError(f"sets sampler steps to {options.steps!r}; give a number of steps with --steps",
+                            checkpoint)
+    if options.grid not in get_args(SigmaGrid):
+        raise MedidiffError(f"names an unknown sigma grid {options.grid!r}; give one with --grid", checkpoint)
+
+
 def from_checkpoint(task: str, checkpoint: str | Path | None, *, device: str = "cpu", sampler: str | None = None,
                     steps: int | None = None, grid: str | None = None, ensemble: int = 1, seed: int = 0,
                     fusion: str = "mean", consistency: bool = True, **task_options: Any) -> TaskAdapter:
@@ -356,10 +374,14 @@ def from_checkpoint(task: str, checkpoint: str | Path | None, *, device: str = "
     if checkpoint is None:  # classical fusion
         return adapter_for(task, None, fusion_contract(), SamplingOptions(seed=seed), None, **task_options)
     module, _ = load_module(checkpoint, task=task)
+    if module.contract is None:
+        raise MedidiffError("holds no model-input contract and names no data card to rebuild one from; export it "
+                            "again from a checkpoint written by medidiff fit", checkpoint)
     module.to(torch.device(device))
     if not consistency:
         module.hparams.consistency = False
     chosen = {**SamplingOptions().sampling(), **(module.contract.get("sampling") or {})}
-    options = SamplingOptions(sampler=sampler or chosen["sampler"], steps=steps or int(chosen["steps"]),
+    options = SamplingOptions(sampler=sampler or chosen["sampler"], steps=steps or chosen["steps"],
                               grid=grid or chosen["grid"], ensemble=ensemble, seed=seed, fusion=fusion)
+    _check_sampling(options, checkpoint)
     return adapter_for(task, module, module.contract, options, str(checkpoint), **task_options)

@@ -142,6 +142,11 @@ def _geometry_problem(img: Any, ref: Any) -> str | None:
         return f"spacing {img.meta['spacing']} differs from {ref.meta['spacing']}"
     if img.meta["orientation"] != ref.meta["orientation"]:
         return f"orientation {img.meta['orientation']} differs from {ref.meta['orientation']}"
+    directions = [np.asarray(m.meta["affine"], dtype=float)[:3, :3] / np.asarray(m.meta["spacing"] + (1.0,) *
+                  (3 - len(m.meta["spacing"])))[:3] for m in (img, ref)]
+    turn = float(np.degrees(np.arccos(np.clip(np.min(np.sum(directions[0] * directions[1], axis=0)), -1, 1))))
+    if turn > 0.1:  # same axis codes yet rotated (an oblique re-slice): voxel-wise scores would be meaningless
+        return f"voxel axes (direction) are turned by {turn:.1f} degrees against those"
     # same shape, spacing and axes yet shifted (e.g. two different crops): voxel-wise scores would be meaningless
     origin, ref_origin = (np.asarray(m.meta["affine"], dtype=float)[:3, 3] for m in (img, ref))
     shift = float(np.linalg.norm(origin - ref_origin))
@@ -240,6 +245,7 @@ def evaluate_segmentation(
     region_dir: str | os.PathLike | None = None,
     label_remap: Mapping[int, int] | None = None,
     pred_labels: Mapping[str, int] | None = None,
+    reference_others: int | None = None,
     pairs: str | os.PathLike | None = None,
     out_json: str | os.PathLike | None = None,
     suffixes: Sequence[str] = CASE_SUFFIXES,
@@ -254,6 +260,8 @@ def evaluate_segmentation(
         region_dir: optional mask(s) (non-zero = inside) restricting the evaluation, e.g. DRIVE's field of view.
         label_remap: file value -> label value of the **references** (DRIVE's manual masks store vessels as 255:
             ``{255: 1}``); unlisted values are kept. Predictions are never remapped by the card.
+        reference_others: the class of reference values ``label_remap`` does not list (the card's
+            ``label_others``); None: such values are an error, as are values ``labels`` does not name.
         pred_labels: ``{name: value}`` the predictions use (``labels.json`` that ``medidiff infer`` writes beside
             them): classes are matched by name. None: predictions use ``labels``' values.
         pairs: a CSV file of pairs (see :func:`read_pairs`) instead of ``pred_dir`` / ``ref_dir``.
@@ -274,7 +282,12 @@ def evaluate_segmentation(
         if region is not None and not region.any():
             raise ValueError("the region mask is empty: there is nothing to evaluate inside it")
         if label_remap:
-            ref = _remap(ref, label_remap)
+            ref = _remap(ref, label_remap, others=reference_others)
+        if labels is not None:
+            unnamed = sorted(set(np.unique(ref).tolist()) - {0} - set(labels.values()))
+            if unnamed:
+                raise MedidiffError(f"holds label value(s) {unnamed[:10]} that the card does not name (add them to "
+                                    "its label_remap, or set label_others)", paths["ref"])
         if translate is not None:
             pred = _translate(pred, translate, paths["pred"])
         if labels is not None:
@@ -331,8 +344,8 @@ def _translate(pred: np.ndarray, table: Mapping[int, int], path: Path) -> np.nda
     return out
 
 
-def _remap(labels: np.ndarray, mapping: Mapping[int, int]) -> np.ndarray:
-    out = labels.copy()
+def _remap(labels: np.ndarray, mapping: Mapping[int, int], others: int | None = None) -> np.ndarray:
+    out = labels.copy() if others is None else np.full_like(labels, others)
     for src, dst in mapping.items():
         out[labels == src] = dst  # read from the original: {1: 2, 2: 1} swaps
     return out
