@@ -274,6 +274,9 @@ def restore(output: Output, case: Case, adapter: TaskAdapter, pipeline: Compose)
     """An output on the preprocessed grid back onto the source's grid, in its units; labels as integers."""
     role = adapter.roles[0]
     array = output.array.detach().float().cpu()
+    if not bool(torch.isfinite(array).all()):
+        raise MedidiffError("the model produced NaN or infinite values for this case; nothing was written",
+                            case.sources[role])
     if adapter.resample:
         array = T.invert(array, case.images[role], pipeline, nearest=output.kind == "label").as_tensor()
     if output.kind == "image" and not _png_main(adapter, case):
