@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--region", type=Path, help="region mask(s) (e.g. DRIVE field of view): file or folder")
     evaluate.add_argument("--source-a", type=Path, help="fusion: first source (file or folder)")
     evaluate.add_argument("--source-b", type=Path, help="fusion: second source (file or folder)")
+    evaluate.add_argument("--uncertainty", action="store_true",
+                          help="segmentation: also score prob/, entropy/ (and members/) beside the predictions: "
+                               "ECE, Brier, NLL, error AUROC, AURC, UEO (GED with members/)")
+    evaluate.add_argument("--rater", type=Path, action="append", default=[],
+                          help="segmentation: another observer's references (repeatable): GED and the AUROC of the "
+                               "uncertainty where observers disagree")
+    evaluate.add_argument("--nsd-tolerance", type=float, default=1.0,
+                          help="segmentation: tolerance of the normalised surface Dice, in mm (pixels for 2D images)")
     evaluate.add_argument("--data-range", type=float, default=None,
                           help="image tasks: intensity range (default: the card's window, else each reference's range)")
     evaluate.add_argument("--out", type=Path, required=True, help="JSON file with per-case rows and a summary")
@@ -227,7 +235,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         labels, remap, others = _card_labels(args.card)
         result = E.evaluate_segmentation(args.pred, args.ref, labels=labels, region_dir=args.region,
                                          label_remap=remap, reference_others=others,
-                                         pred_labels=E.prediction_labels(args.pred),
+                                         pred_labels=E.prediction_labels(args.pred), uncertainty=args.uncertainty,
+                                         raters=args.rater, nsd_tolerance=args.nsd_tolerance,
                                          pairs=args.pairs, out_json=args.out)
     else:
         data_range = args.data_range if args.data_range is not None else _card_range(args.card)

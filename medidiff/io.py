@@ -267,9 +267,11 @@ def _read_itk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray, dict]:
 
 def _channel_first(array: np.ndarray, path: Path, expected_ndim: int | None) -> np.ndarray:
     """File layout to ``(C, *spatial)``: NIfTI channels are trailing (4th/5th dim), so are RGB ones."""
-    if array.ndim == 5 and array.shape[3] == 1:  # NIfTI vector image (X, Y, Z, 1, C)
-        array = array[:, :, :, 0]
     is_2d_file = path.name.lower().endswith(IMAGE_2D_SUFFIXES)
+    if array.ndim == 5 and array.shape[2:4] == (1, 1):  # NIfTI vector image of a 2D grid (X, Y, 1, 1, C)
+        array, is_2d_file = array[:, :, 0, 0], True
+    elif array.ndim == 5 and array.shape[3] == 1:  # NIfTI vector image (X, Y, Z, 1, C)
+        array = array[:, :, :, 0]
     if expected_ndim == 2 and not is_2d_file and array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]  # a single-slice volume used as a 2D image
     spatial = 2 if is_2d_file else min(array.ndim, 3)
@@ -382,7 +384,11 @@ def _drop_channel_axis(data: np.ndarray, ref_shape: tuple[int, ...] | None, *, r
                             "the transforms first, or pass spacing= for a resampled output", path)
     if not channel_first:
         return data
-    return data[0] if data.shape[0] == 1 else np.moveaxis(data, 0, -1)
+    if data.shape[0] == 1:
+        return data[0]
+    channels_last = np.moveaxis(data, 0, -1)
+    # several channels on a 2D grid: the NIfTI vector layout (X, Y, 1, 1, C), which reads back as 2D
+    return channels_last[:, :, None, None] if data.ndim == 3 else channels_last
 
 
 def write_png(array2d: torch.Tensor | np.ndarray, path: str | os.PathLike,

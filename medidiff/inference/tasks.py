@@ -188,8 +188,10 @@ def segmentation_outputs(module: Any, probs: Tensor, fusion: str) -> dict[str, O
     maps = {"seg": np.asarray(labels)[None].astype(np.int16), "prob": p.mean(0),
             "entropy": predictive_entropy(class_probs)[None],
             "variance": ensemble_variance(class_probs).sum(0, keepdims=True)}
-    return {name: Output(torch.from_numpy(np.ascontiguousarray(array)), "label" if name == "seg" else "map")
-            for name, array in maps.items()}
+    if len(members) > 1:  # every member's label map (N channels): the sample set, for GED against raters
+        maps["members"] = members.astype(np.int16)
+    return {name: Output(torch.from_numpy(np.ascontiguousarray(array)), "label" if name in ("seg", "members")
+                         else "map") for name, array in maps.items()}
 
 
 # ------------------------------------------------------------------------- restoration, super-resolution

@@ -38,6 +38,7 @@ from medidiff.io import IMAGE_2D_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, read, w
 from medidiff.metrics.fusion import fusion_metrics
 from medidiff.metrics.image import image_metrics
 from medidiff.metrics.segmentation import segmentation_metrics
+from medidiff.metrics.uncertainty import uncertainty_metrics
 
 __all__ = ["CASE_SUFFIXES", "case_name", "evaluate_segmentation", "evaluate_image", "evaluate_fusion"]
 
@@ -246,6 +247,9 @@ def evaluate_segmentation(
     label_remap: Mapping[int, int] | None = None,
     pred_labels: Mapping[str, int] | None = None,
     reference_others: int | None = None,
+    uncertainty: bool = False,
+    raters: Sequence[str | os.PathLike] = (),
+    nsd_tolerance: float = 1.0,
     pairs: str | os.PathLike | None = None,
     out_json: str | os.PathLike | None = None,
     suffixes: Sequence[str] = CASE_SUFFIXES,
@@ -264,16 +268,24 @@ def evaluate_segmentation(
             ``label_others``); None: such values are an error, as are values ``labels`` does not name.
         pred_labels: ``{name: value}`` the predictions use (``labels.json`` that ``medidiff infer`` writes beside
             them): classes are matched by name. None: predictions use ``labels``' values.
+        uncertainty: also score the probability and uncertainty maps ``medidiff infer`` writes beside the label
+            maps (``prob/``, ``entropy/``, and ``members/`` for the GED):
+            :func:`medidiff.metrics.uncertainty.uncertainty_metrics`.
+        raters: further reference folders (other observers), remapped like ``ref``: GED against all raters and
+            the AUROC of the uncertainty where they disagree.
+        nsd_tolerance: tolerance of the normalised surface Dice, in the units of the reference's spacing.
         pairs: a CSV file of pairs (see :func:`read_pairs`) instead of ``pred_dir`` / ``ref_dir``.
         out_json: where to write the result.
         suffixes: case-name suffixes to strip (see the pairing rule).
 
     Returns:
-        Result dict with ``dice_<class>``, ``hd95_<class>``, ``dice_mean``, ``hd95_mean`` per case.
+        Result dict with ``dice_<class>``, ``hd95_<class>``, ``nsd_<class>`` and their means per case (plus the
+        uncertainty metrics when asked).
     """
     folders = {"pred": pred_dir, "ref": ref_dir} | ({"region": region_dir} if region_dir is not None else {})
     if pairs is not None:
         folders = {"pred": None, "ref": None} | ({"region": None} if region_dir is not None else {})
+    folders |= _uncertainty_folders(pred_dir, uncertainty) | {f"rater_{i + 2}": r for i, r in enumerate(raters)}
     translate = _prediction_classes(pred_labels, labels)
 
     def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
@@ -295,13 +307,27 @@ def evaluate_segmentation(
             if unknown:
                 raise ValueError(f"the prediction holds label value(s) {unknown} not in the card's labels {labels}")
         present = labels if labels is not None else sorted((set(np.unique(pred)) | set(np.unique(ref))) - {0})
-        return segmentation_metrics(pred, ref, present, spacing=images["ref"].meta["spacing"], region=region)
+        spacing = images["ref"].meta["spacing"]
+        values = segmentation_metrics(pred, ref, present, spacing=spacing, region=region, nsd_tolerance=nsd_tolerance)
+        if "prob" in images:
+            model_space = _inverse(translate)
+            others = [_remap(np.asarray(images[r][0]), label_remap or {}, others=reference_others)
+                      for r in images if r.startswith("rater_")]
+            values |= uncertainty_metrics(
+                np.asarray(images["prob"]), np.asarray(images["uncertainty"][0]), _translate_plain(pred, model_space),
+                _translate_plain(ref, model_space), region=region,
+                members=np.asarray(images["members"]) if "members" in images else None,
+                raters=np.stack([ref, *others]) if others else None)
+        return values
 
-    kinds = {"pred": "label", "ref": "label", "region": "label"}
+    kinds = {"pred": "label", "ref": "label", "region": "label", "prob": "image", "uncertainty": "image",
+             "members": "label"} | {f"rater_{i + 2}": "label" for i in range(len(raters))}
     settings = {"labels": labels, "region_dir": None if region_dir is None else str(region_dir),
                 "reference_remap": None if label_remap is None else {str(k): v for k, v in label_remap.items()},
                 "prediction_labels": None if pred_labels is None else dict(pred_labels),
-                "hd_percentile": 95, "both_empty": "nan", "one_empty_hd95": "inf"}
+                "hd_percentile": 95, "both_empty": "nan", "one_empty_hd95": "inf",
+                "nsd_tolerance": nsd_tolerance, "uncertainty": bool(uncertainty), "raters": [str(r) for r in raters],
+                "ece_bins": 15 if uncertainty else None}
     complete = _fill_absent if labels is None else None
     return _run("segmentation", folders, kinds, score, settings, suffixes, out_json, complete, pairs)
 
@@ -332,6 +358,35 @@ def _prediction_classes(pred_labels: Mapping[str, int] | None, labels: Mapping[s
         raise MedidiffError(f"the predictions have no class named {missing} (their labels: {dict(pred_labels)}); "
                             f"the card names {dict(labels)}")
     return {value: labels.get(name, 0) for name, value in pred_labels.items()}
+
+
+def _uncertainty_folders(pred: str | os.PathLike | None, wanted: bool) -> dict[str, Path]:
+    """The maps ``medidiff infer`` writes beside a label map (folder) or label-map file."""
+    if not wanted or pred is None:
+        return {}
+    pred = Path(pred)
+    base, name = (pred, None) if pred.is_dir() else (pred.parent, pred.name)
+    found = {role: base / folder for role, folder in (("prob", "prob"), ("uncertainty", "entropy"),
+                                                       ("members", "members"))}
+    found = {role: (path / name if name else path) for role, path in found.items()}
+    for role in ("prob", "uncertainty"):
+        if not found[role].exists():
+            raise MedidiffError(f"--uncertainty needs the {found[role].parent.name if name else found[role].name}/ "
+                                "maps that medidiff infer writes beside the label maps", found[role])
+    return {role: path for role, path in found.items() if path.exists()}
+
+
+def _inverse(table: Mapping[int, int] | None) -> dict[int, int] | None:
+    return None if table is None else {target: value for value, target in table.items() if target}
+
+
+def _translate_plain(labels: np.ndarray, table: Mapping[int, int] | None) -> np.ndarray:
+    if table is None:
+        return labels
+    out = np.zeros_like(labels)
+    for value, target in table.items():
+        out[labels == value] = target
+    return out
 
 
 def _translate(pred: np.ndarray, table: Mapping[int, int], path: Path) -> np.ndarray:

@@ -24,11 +24,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import SimpleITK as sitk
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
 __all__ = [
     "dice",
     "hd95",
+    "normalised_surface_dice",
     "segmentation_metrics",
     "fuse_mean_threshold",
     "fuse_majority_vote",
@@ -104,6 +105,30 @@ def hd95(
     return float(hd)
 
 
+def normalised_surface_dice(
+    pred: np.ndarray,
+    ref: np.ndarray,
+    value: int = 1,
+    *,
+    tolerance: float = 1.0,
+    spacing: Sequence[float] | None = None,
+    region: np.ndarray | None = None,
+) -> float:
+    """Normalised surface Dice of one class (MONAI's ``compute_surface_dice``): the share of both boundaries within
+    ``tolerance`` (units of ``spacing``) of the other. NaN when the class is absent from both, 0 from one."""
+    p, r = _binary_pair(pred, ref, value, region)
+    if not (p.any() or r.any()):
+        return float("nan")
+    if not (p.any() and r.any()):
+        return 0.0
+    spacing = [1.0] * (p.ndim - 2) if spacing is None else [float(s) for s in spacing]
+    both = [torch.cat([~m, m], 1).float() for m in (p, r)]  # background + class, the one-hot MONAI expects
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value = compute_surface_dice(both[0], both[1], [float(tolerance)], spacing=spacing)
+    return float(value)
+
+
 def segmentation_metrics(
     pred: np.ndarray,
     ref: np.ndarray,
@@ -111,8 +136,9 @@ def segmentation_metrics(
     *,
     spacing: Sequence[float] | None = None,
     region: np.ndarray | None = None,
+    nsd_tolerance: float | None = None,
 ) -> dict[str, float]:
-    """Per-class Dice and HD95 plus their foreground means.
+    """Per-class Dice and HD95 (and NSD at ``nsd_tolerance``, units of ``spacing``) plus their foreground means.
 
     Args:
         pred, ref: label maps ``(*spatial)``.
@@ -129,7 +155,12 @@ def segmentation_metrics(
     for name, value in _label_dict(labels).items():
         out[f"dice_{name}"] = dice(pred, ref, value, region=region)
         out[f"hd95_{name}"] = hd95(pred, ref, value, spacing=spacing, region=region)
-    for metric in ("dice", "hd95"):
+        if nsd_tolerance is not None:
+            out[f"nsd_{name}"] = normalised_surface_dice(pred, ref, value, tolerance=nsd_tolerance,
+                                                         spacing=spacing, region=region)
+    for metric in ("dice", "hd95", "nsd"):
+        if not any(k.startswith(f"{metric}_") for k in out):
+            continue
         values = np.array([v for k, v in out.items() if k.startswith(f"{metric}_")], dtype=float)
         out[f"{metric}_mean"] = float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
     return out
