@@ -155,14 +155,22 @@ def fill_from_card(config) -> None:
     net_class = str((init.get("net") or {}).get("class_path", ""))
     channels = len(card.inputs["image"].use) if task != "fusion" and "image" in card.inputs else None
     names = ", ".join(card.inputs["image"].use) if channels else ""
-    field = "cond_channels" if net_class.endswith("ConditionalUNet") else "in_channels"
-    if channels is not None and field in net:
-        _settle(net, field, channels, f"model.init_args.net.init_args.{field}",
-                f"card '{card.name}' gives {channels} image channel(s) ({names}); or choose channels with the "
-                "card's inputs.image.use")
     if task == "segmentation" and "num_classes" in init:
         _settle(init, "num_classes", card.num_classes, "model.init_args.num_classes",
                 f"card '{card.name}' names {card.num_classes} classes ({', '.join(card.labels)})")
+    field = "cond_channels" if net_class.endswith("ConditionalUNet") else "in_channels"
+    if channels is not None and field in net:
+        # a residual model is also conditioned on its predictor's estimate: one channel per diffused class
+        estimate = _mask_channels(init.get("num_classes")) if str(model.get("class_path", "")).endswith(
+            "ResidualSegmentationDiffusion") else 0
+        plus = f" plus {estimate} of the predictor's estimate" if estimate else ""
+        _settle(net, field, channels + estimate, f"model.init_args.net.init_args.{field}",
+                f"card '{card.name}' gives {channels} image channel(s) ({names}){plus}; or choose channels with "
+                "the card's inputs.image.use")
+
+
+def _mask_channels(num_classes: int | None) -> int:
+    return 1 if not num_classes or num_classes == 2 else int(num_classes)
 
 
 def _settle(namespace, key: str, expected: int, flag: str, why: str) -> None:

@@ -92,22 +92,24 @@ class PlainUNet(nn.Module):
         spatial_dims: 2 or 3.
         in_channels: image channels.
         out_channels: classes (logits) or image channels (regression).
-        channels, strides, num_res_units: as in ``monai.networks.nets.UNet``.
+        channels, strides, num_res_units, dropout: as in ``monai.networks.nets.UNet`` (a dropout above 0 makes
+            :class:`medidiff.lit.UNetSegmenter` draw its ensemble members with dropout on: MC dropout).
     """
 
     def __init__(self, spatial_dims: int = 2, in_channels: int | None = 1, out_channels: int = 2,
                  channels: Sequence[int] = (16, 32, 64, 128), strides: Sequence[int] = (2, 2, 2),
-                 num_res_units: int = 2):
+                 num_res_units: int = 2, dropout: float = 0.0):
         super().__init__()
         from monai.networks.nets import UNet
 
         if in_channels is None:
             raise ValueError("in_channels is null: medidiff fit fills it from the data card; give a number here")
         self.config = {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": out_channels,
-                       "channels": list(channels), "strides": list(strides), "num_res_units": num_res_units}
+                       "channels": list(channels), "strides": list(strides), "num_res_units": num_res_units,
+                       "dropout": float(dropout)}
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.unet = UNet(spatial_dims, in_channels, out_channels, tuple(channels), tuple(strides),
-                         num_res_units=num_res_units)
+                         num_res_units=num_res_units, dropout=dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.unet(x)

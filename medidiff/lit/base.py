@@ -340,9 +340,12 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
 
     # ---------------------------------------------------------------------------------- optimizer
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.parameters())
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer else 10_000
         warmup = min(hp.warmup_steps, total // 2)
 

@@ -14,6 +14,7 @@ import torch
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
+from medidiff.errors import MedidiffError
 from medidiff.lit.base import MedidiffModule, crop, pad_to_multiple, stride_multiple
 from medidiff.lit.segmentation import SegmentationOutputs
 from medidiff.sliding import window_inference
@@ -53,19 +54,64 @@ class UNetSegmenter(SegmentationOutputs, MedidiffModule, L.LightningModule):
             self.log(f"val/{name}", value, batch_size=logits.shape[0])
 
     @torch.no_grad()
-    def predict_probabilities(self, cond: Tensor, **ignored: Any) -> Tensor:
-        """Class probabilities ``(1, B, C, *spatial)``, shaped like one diffusion ensemble member."""
-        roi = self.hparams.roi_size
-        if not roi:
-            return self._probabilities(self.net(cond))[None]
-        # windows no larger than the volume (as the diffusion models'), whose sizes the network must divide
-        padded, pad = pad_to_multiple(cond, stride_multiple(self.net))
-        logits = window_inference(padded, roi, 8, self.net, mode="constant")
-        return self._probabilities(crop(logits, pad))[None]
+    def predict_probabilities(self, cond: Tensor, ensemble: int | None = None, seed: int | None = None,
+                              **ignored: Any) -> Tensor:
+        """Class probabilities ``(N, B, C, *spatial)``, shaped like N diffusion ensemble members.
+
+        ``ensemble`` N > 1 draws N test-time members: with dropout on (MC dropout) when the network was built
+        with dropout, else the image flipped along a different set of spatial axes for each member (test-time
+        augmentation; member 0 is the image as is), each prediction flipped back.
+        """
+        members = ensemble or 1
+        if members == 1:
+            return self._probabilities(self._logits(cond))[None]
+        if getattr(self.net, "config", {}).get("dropout", 0) > 0:
+            return torch.stack([self._probabilities(logits) for logits in self._dropout_logits(cond, members, seed)])
+        flips = flip_sets(cond.ndim - 2)
+        if members > len(flips):
+            raise MedidiffError(f"a UNet without dropout draws its ensemble members from the {len(flips)} flips of "
+                                f"a {cond.ndim - 2}D image; --ensemble {members} asks for more (train with "
+                                "net.init_args.dropout above 0 for MC dropout)")
+        return torch.stack([self._probabilities(self._logits(cond.flip(axes)).flip(axes))
+                            for axes in flips[:members]])
+
+    def _logits(self, cond: Tensor) -> Tensor:
+        return network_logits(self.net, cond, self.hparams.roi_size)
+
+    def _dropout_logits(self, cond: Tensor, members: int, seed: int | None) -> list[Tensor]:
+        dropouts = [m for m in self.net.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        devices = [cond.device] if cond.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # seeded members that leave the global generator alone
+            torch.manual_seed(self.hparams.get("seed", 0) if seed is None else seed)
+            for module in dropouts:
+                module.train()
+            try:
+                return [self._logits(cond) for _ in range(members)]
+            finally:
+                for module in dropouts:
+                    module.eval()
 
     def _probabilities(self, logits: Tensor) -> Tensor:
+        """Softmax ``(B, C, *)``; binary tasks keep the foreground channel only (as diffusion's decode)."""
         probability = logits.float().softmax(1)
         return probability[:, 1:] if self.hparams.num_classes == 2 else probability
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+
+
+def flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes of a ``(B, C, *spatial)`` tensor, the empty one (no flip) first."""
+    from itertools import combinations
+
+    axes = range(2, 2 + spatial_dims)
+    return [subset for size in range(spatial_dims + 1) for subset in combinations(axes, size)]
+
+
+def network_logits(net: nn.Module, image: Tensor, roi: Sequence[int] | None) -> Tensor:
+    """``net(image)`` over the whole image, or with sliding windows of ``roi`` (no larger than the image)."""
+    if not roi:
+        return net(image)
+    # windows whose sizes the network must divide
+    padded, pad = pad_to_multiple(image, stride_multiple(net))
+    return crop(window_inference(padded, roi, 8, net, mode="constant"), pad)

@@ -43,7 +43,7 @@ from medidiff.metrics.uncertainty import uncertainty_metrics
 __all__ = ["CASE_SUFFIXES", "case_name", "evaluate_segmentation", "evaluate_image", "evaluate_fusion"]
 
 CASE_SUFFIXES = ("_seg", "_pred", "_prediction", "_label", "_labels", "_mask", "_gt", "_ref", "_fused",
-                 "_fusion", "_manual1", "_test", "_training")
+                 "_fusion", "_manual1", "_manual2", "_test", "_training")
 _EXTENSIONS = tuple(sorted(NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES + ITK_SUFFIXES, key=len, reverse=True))
 _LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, the Y of YCbCr that colour fusion works on
 

@@ -1,0 +1,97 @@
+"""Diffusion of the residual over a deterministic predictor, and the UNet's test-time ensembles (flips, MC
+dropout) that its uncertainty is measured against."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from medidiff.lit import ResidualSegmentationDiffusion, UNetSegmenter
+from medidiff.lit.baseline import flip_sets
+from medidiff.nets import ConditionalUNet, PlainUNet
+
+PREDICTOR = {"class_path": "medidiff.nets.PlainUNet",
+             "init_args": {"spatial_dims": 2, "in_channels": 1, "out_channels": 2, "channels": [4, 8],
+                           "strides": [2], "num_res_units": 0}}
+
+
+def residual_module(**overrides) -> ResidualSegmentationDiffusion:
+    torch.manual_seed(0)
+    net = ConditionalUNet(spatial_dims=2, in_channels=1, cond_channels=2, channels=[8, 16], num_res_blocks=1,
+                          norm_num_groups=4)
+    settings = dict(net=net, predictor=PREDICTOR, num_classes=2, prediction_type="sample") | overrides
+    return ResidualSegmentationDiffusion(**settings).eval()
+
+
+def test_the_predictor_estimate_plus_the_target_residual_is_the_mask():
+    module = residual_module()
+    label = (torch.rand(2, 1, 16, 16) > 0.7).long()
+    batch = {"image": torch.randn(2, 1, 16, 16), "label": label}
+    x0, cond = module.target_and_condition(batch)
+    _, base = module.predictor_estimate(batch["image"])
+    assert x0.abs().max() <= 1
+    assert torch.allclose(base + 2 * x0, label.float() * 2 - 1, atol=1e-6)
+    assert torch.equal(cond, torch.cat([batch["image"], base], 1))
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_a_residual_network_that_predicts_zero_returns_the_predictor(steps):
+    """Every sampler step then denoises to a zero residual: the result is the predictor's probability."""
+    module = residual_module()
+    for parameter in module.net.parameters():
+        parameter.data.zero_()
+    image = torch.randn(1, 1, 24, 20)
+    probability = module.predict_probabilities(image, steps=steps, ensemble=3, seed=1)
+    expected = module.predictor(image).softmax(1)[:, 1:]
+    assert probability.shape == (3, 1, 1, 24, 20)
+    assert torch.allclose(probability, expected.expand_as(probability), atol=1e-5)
+
+
+def test_a_frozen_predictor_gets_no_gradient_and_stays_in_eval_mode():
+    module = residual_module(train_predictor=False).train()
+    assert not module.predictor.training and module.net.training
+    names = {id(p) for p in module.trainable_parameters()}
+    assert not any(id(p) in names for p in module.predictor.parameters())
+    joint = residual_module()
+    assert any(id(p) in {id(q) for q in joint.trainable_parameters()} for p in joint.predictor.parameters())
+
+
+def test_the_condition_channels_must_hold_the_image_and_the_estimate():
+    net = ConditionalUNet(spatial_dims=2, in_channels=1, cond_channels=1, channels=[8, 16], norm_num_groups=4)
+    with pytest.raises(ValueError, match="cond_channels=2"):
+        ResidualSegmentationDiffusion(net=net, predictor=PREDICTOR, num_classes=2)
+
+
+# ------------------------------------------------------------------------------------ UNet ensembles
+
+
+def unet(dropout: float = 0.0) -> UNetSegmenter:
+    torch.manual_seed(0)
+    net = PlainUNet(spatial_dims=2, in_channels=1, out_channels=2, channels=[4, 8], strides=[2], num_res_units=1,
+                    dropout=dropout)
+    return UNetSegmenter(net, num_classes=2).eval()
+
+
+def test_flip_sets_cover_every_subset_of_the_spatial_axes_identity_first():
+    assert flip_sets(2) == [(), (2,), (3,), (2, 3)]
+    assert len(flip_sets(3)) == 8 and flip_sets(3)[0] == ()
+
+
+def test_tta_members_are_the_flipped_predictions_flipped_back():
+    module, image = unet(), torch.randn(1, 1, 16, 16)
+    members = module.predict_probabilities(image, ensemble=4)
+    plain = module.net(image).softmax(1)[:, 1:]
+    assert members.shape == (4, 1, 1, 16, 16)
+    assert torch.allclose(members[0], plain, atol=1e-6)
+    assert torch.allclose(members[3], module.net(image.flip((2, 3))).softmax(1)[:, 1:].flip((2, 3)), atol=1e-6)
+    with pytest.raises(Exception, match="4 flips"):
+        module.predict_probabilities(image, ensemble=5)
+
+
+def test_mc_dropout_members_differ_repeat_with_the_seed_and_leave_the_network_in_eval_mode():
+    module, image = unet(dropout=0.3), torch.randn(1, 1, 16, 16)
+    first = module.predict_probabilities(image, ensemble=3, seed=4)
+    again = module.predict_probabilities(image, ensemble=3, seed=4)
+    assert torch.equal(first, again) and not torch.allclose(first[0], first[1])
+    assert not any(m.training for m in module.net.modules())
+    assert torch.allclose(module.predict_probabilities(image)[0], module.net(image).softmax(1)[:, 1:])
