@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from medidiff.lit import ResidualSegmentationDiffusion, UNetSegmenter
-from medidiff.lit.baseline import flip_sets
+from medidiff.lit.baseline import flip_sets, network_logits
 from medidiff.nets import ConditionalUNet, PlainUNet
 
 PREDICTOR = {"class_path": "medidiff.nets.PlainUNet",
@@ -40,11 +40,30 @@ def test_a_residual_network_that_predicts_zero_returns_the_predictor(steps):
     module = residual_module()
     for parameter in module.net.parameters():
         parameter.data.zero_()
-    image = torch.randn(1, 1, 24, 20)
+    image = torch.randn(1, 1, 23, 21)  # not a multiple of either network's strides: a full DRIVE image is not
     probability = module.predict_probabilities(image, steps=steps, ensemble=3, seed=1)
-    expected = module.predictor(image).softmax(1)[:, 1:]
-    assert probability.shape == (3, 1, 1, 24, 20)
+    expected = network_logits(module.predictor, image, None).softmax(1)[:, 1:]
+    assert probability.shape == (3, 1, 1, 23, 21)
     assert torch.allclose(probability, expected.expand_as(probability), atol=1e-5)
+
+
+def test_a_predictor_from_a_checkpoint_keeps_its_weights_and_windows_and_the_file_is_read_once(tmp_path):
+    source = PlainUNet(**PREDICTOR["init_args"])
+    path = tmp_path / "unet.ckpt"
+    torch.save({"hyper_parameters": {"num_classes": 2, "roi_size": [8, 8]},
+                "state_dict": {f"net.{k}": v for k, v in source.state_dict().items()},
+                "medidiff": {"task": "segmentation", "module": "UNetSegmenter", "net_config": PREDICTOR}}, path)
+    module = residual_module(predictor=None, predictor_ckpt=str(path))
+    assert module.hparams.predictor_roi == [8, 8] and module.hparams.predictor_source == str(path)
+    assert module.hparams.predictor_ckpt is None and module.hparams.predictor == PREDICTOR
+    assert not module.hparams.train_predictor
+    for name, value in source.state_dict().items():
+        assert torch.equal(module.predictor.state_dict()[name], value), name
+    content = torch.load(path, weights_only=True)
+    content["medidiff"]["module"] = "SegmentationDiffusion"
+    torch.save(content, path)
+    with pytest.raises(Exception, match="must be a UNetSegmenter"):
+        residual_module(predictor=None, predictor_ckpt=str(path))
 
 
 def test_a_frozen_predictor_gets_no_gradient_and_stays_in_eval_mode():

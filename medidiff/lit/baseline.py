@@ -110,8 +110,7 @@ def flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
 
 def network_logits(net: nn.Module, image: Tensor, roi: Sequence[int] | None) -> Tensor:
     """``net(image)`` over the whole image, or with sliding windows of ``roi`` (no larger than the image)."""
-    if not roi:
-        return net(image)
-    # windows whose sizes the network must divide
+    # sizes the network's strides must divide, for the whole image as for each window
     padded, pad = pad_to_multiple(image, stride_multiple(net))
-    return crop(window_inference(padded, roi, 8, net, mode="constant"), pad)
+    logits = net(padded) if not roi else window_inference(padded, roi, 8, net, mode="constant")
+    return crop(logits, pad)

@@ -52,10 +52,12 @@ class ResidualSegmentationDiffusion(SegmentationDiffusion):
         self.save_hyperparameters("predictor", "predictor_ckpt", "train_predictor", "predictor_weight",
                                   "predictor_roi", "predictor_source")
         if predictor_ckpt is not None:
-            predictor, weights = _predictor_from_checkpoint(predictor_ckpt, self.hparams.num_classes)
-            # the checkpoint is read once: later loads rebuild the network from its config and this module's weights
+            predictor, weights, roi = _predictor_from_checkpoint(predictor_ckpt, self.hparams.num_classes)
+            # the checkpoint is read once: later loads rebuild the network from its config and this module's weights;
+            # the predictor sees images as it did when it was scored alone (its own windows)
             self.hparams.update(predictor=predictor, predictor_ckpt=None, predictor_source=str(predictor_ckpt),
-                                train_predictor=bool(train_predictor))
+                                train_predictor=bool(train_predictor),
+                                predictor_roi=predictor_roi if predictor_roi is not None else roi)
         elif predictor is None:
             raise ValueError("give the predictor: predictor_ckpt (a trained UNetSegmenter checkpoint) or predictor "
                              "(a network config to train jointly)")
@@ -125,7 +127,8 @@ class ResidualSegmentationDiffusion(SegmentationDiffusion):
         return self.decode(base[None] + 2 * residual)
 
 
-def _predictor_from_checkpoint(path: str, num_classes: int) -> tuple[dict[str, Any], dict[str, Tensor]]:
+def _predictor_from_checkpoint(path: str, num_classes: int) -> tuple[dict[str, Any], dict[str, Tensor],
+                                                                     list[int] | None]:
     from medidiff.checkpoint import checkpoint_record, read_checkpoint
 
     content = read_checkpoint(path)
@@ -133,11 +136,13 @@ def _predictor_from_checkpoint(path: str, num_classes: int) -> tuple[dict[str, A
     if record.get("module") != "UNetSegmenter":
         raise MedidiffError(f"is a {record.get('module')} checkpoint; the predictor must be a UNetSegmenter",
                             path)
-    classes = content.get("hyper_parameters", {}).get("num_classes")
+    hparams = content.get("hyper_parameters", {})
+    classes = hparams.get("num_classes")
     if classes != num_classes:
         raise MedidiffError(f"predicts {classes} classes but this model has num_classes {num_classes}", path)
     weights = {k[len("net."):]: v for k, v in content["state_dict"].items() if k.startswith("net.")}
-    return record["net_config"], weights
+    roi = hparams.get("roi_size")
+    return record["net_config"], weights, list(roi) if roi else None
 
 
 def _build(config: dict[str, Any], path: str | None) -> nn.Module:
