@@ -65,7 +65,7 @@ def read(
     path = Path(path)
     if not path.exists():
         raise MedidiffError("file not found", path)
-    array, affine, extra = _read_any(path)
+    array, affine, extra = _read_any(path, kind)
     if array.size == 0:
         raise MedidiffError(f"holds no voxels (array shape {array.shape})", path)
     array = _channel_first(array, path, expected_ndim)
@@ -83,7 +83,7 @@ def source_path(reference: Any) -> Path | None:
     return Path(name) if isinstance(name, (str, os.PathLike)) and str(name) else None
 
 
-def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+def _read_any(path: Path, kind: str = "image") -> tuple[np.ndarray, np.ndarray, dict]:
     """Dispatch on the file type; returns (array in file axis order, 4x4 RAS affine, extra meta)."""
     name = path.name.lower()
     if path.is_dir():
@@ -91,7 +91,7 @@ def _read_any(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     elif name.endswith(NIFTI_SUFFIXES):
         decode = _read_nifti
     elif name.endswith(IMAGE_2D_SUFFIXES):
-        decode = lambda p: (_read_2d(p), np.eye(4), {"spacing_known": False})  # noqa: E731
+        decode = lambda p: (_read_2d(p, kind == "label"), np.eye(4), {"spacing_known": False})  # noqa: E731
     elif name.endswith(ITK_SUFFIXES) or name.endswith(".dcm"):
         decode = lambda p: _read_itk(sitk.ReadImage(str(p)))  # noqa: E731
     else:
@@ -152,14 +152,20 @@ def _check_voxel_size(header_class: Any, path: Path, compressed: bool) -> None:
                             "set the real voxel size", path)
 
 
-def _read_2d(path: Path) -> np.ndarray:
-    """Pillow image to ``(H, W)`` (grey) or ``(H, W, 3)`` (colour) — rows first, as on screen."""
+def _read_2d(path: Path, label: bool = False) -> np.ndarray:
+    """Pillow image to ``(H, W)`` (grey) or ``(H, W, 3)`` (colour) — rows first, as on screen.
+
+    A palette (GIF masks) or grey+alpha image whose colours are all grey is one channel of those grey values. A
+    label map in a palette of colours gives its palette indices: the index is the class, the colour only shows it
+    (DRIVE's second-observer masks are indices 0/1 drawn as (4, 2, 4) and (252, 254, 252)).
+    """
     with Image.open(path) as img:
         img.load()
         if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P", "LA", "PA"):
             rgb = np.asarray(img.convert("RGB"))
             grey = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
-            # A palette (GIF masks) or grey+alpha image whose colours are all grey is one channel.
+            if label and img.mode == "P" and not grey:
+                return np.asarray(img)
             return rgb[..., 0] if grey and img.mode in ("P", "LA", "PA") else rgb
         return np.asarray(img.convert("F") if img.mode == "F" else img)
 

@@ -74,3 +74,37 @@ def image_table(rows: list[dict]) -> str:
         lines.append(f"| {r['row']} | {args} | {r['n']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['nmse']:.4f} | "
                      f"{time} | {machine()} |")
     return "\n".join(lines)
+
+
+UNCERTAINTY_METRICS = ("dice_mean", "nsd_mean", "hd95_mean", "ece", "brier", "nll", "error_auroc", "aurc", "ueo",
+                       "ged", "disagreement_auroc")
+UNCERTAINTY_HEADER = ("Dice", "NSD", "HD95", "ECE", "Brier", "NLL", "err AUROC", "AURC", "UEO", "GED",
+                      "disagree AUROC")
+
+
+def evaluate_segmentation(pred: Path, ref: Path, out: Path, card: str, *, region: Path | None = None,
+                          raters: tuple[Path, ...] = (), uncertainty: bool = True) -> dict[str, float]:
+    """``medidiff evaluate --task segmentation [--uncertainty] [--rater ...]``; the summary means."""
+    from medidiff.cli import main as medidiff
+
+    argv = ["evaluate", "--task", "segmentation", "--pred", str(pred), "--ref", str(ref), "--card", card,
+            "--out", str(out)]
+    argv += ["--region", str(region)] if region is not None else []
+    argv += ["--uncertainty"] if uncertainty else []
+    for rater in raters:
+        argv += ["--rater", str(rater)]
+    if medidiff(argv):
+        raise MedidiffError(f"evaluate failed for {pred}")
+    summary = json.loads(out.read_text())["summary"]
+    return {k: summary[k]["mean"] for k in UNCERTAINTY_METRICS if k in summary}
+
+
+def uncertainty_table(rows: list[dict], where: str, time_label: str) -> str:
+    """Markdown: one line per row of :func:`evaluate_segmentation` results (``row``, ``args``, ``seconds``)."""
+    lines = ["| row | infer arguments | " + " | ".join(UNCERTAINTY_HEADER) + f" | {time_label} | machine |",
+             "|---|---|" + "---|" * len(UNCERTAINTY_HEADER) + "---|---|"]
+    for r in rows:
+        cells = [f"{r[k]:.3f}" if k in r and r[k] == r[k] else "–" for k in UNCERTAINTY_METRICS]
+        lines.append(f"| {r['row']} | `{r['args'] or '(defaults)'}` | " + " | ".join(cells) +
+                     f" | {r['seconds']:.0f} s | {where} |")
+    return "\n".join(lines)

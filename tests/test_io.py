@@ -138,6 +138,19 @@ def test_2d_images_grey_rgb_palette(tmp_path):
     assert io.read(tmp_path / "preview.png").shape == (1, 20, 30)
 
 
+def test_a_label_map_in_a_colour_palette_reads_as_its_indices(tmp_path):
+    """DRIVE's second observer: indices 0/1 drawn in two near-grey colours; as an image it stays colour."""
+    indices = np.zeros((12, 10), np.uint8)
+    indices[3:7, 2:5] = 1
+    mask = Image.fromarray(indices, mode="P")
+    mask.putpalette([4, 2, 4, 252, 254, 252] + [0] * 762)
+    mask.save(tmp_path / "observer.gif")
+    label = io.read(tmp_path / "observer.gif", kind="label")
+    assert label.shape == (1, 12, 10)
+    np.testing.assert_array_equal(label[0].numpy(), indices)
+    assert io.read(tmp_path / "observer.gif").shape == (3, 12, 10)
+
+
 # ---------------------------------------------------------------------------------------- safe writes
 
 

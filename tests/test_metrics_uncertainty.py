@@ -143,3 +143,24 @@ def test_evaluate_uncertainty_without_the_maps_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prob/" in err[0] and "medidiff infer" in err[0]
     assert not (tmp_path / "m.json").exists()
+
+
+def test_a_rater_goes_through_the_same_checks_as_the_reference(tmp_path, capsys):
+    """A second observer whose values the card does not name was silently scored as disagreeing everywhere."""
+    from PIL import Image
+
+    from medidiff.cli import main
+
+    tissue, other = _slice_case(tmp_path)
+    out = tmp_path / "out"
+    assert main(["infer", "--task", "segmentation", "--input", str(tmp_path / "in"), "--output", str(out),
+                 "--ensemble", "2", "--steps", "1"]) == 0
+    other[other > 0] = 7  # the same outline in values the card does not name
+    Image.fromarray(other).save(tmp_path / "ref2" / "slice.png")
+    capsys.readouterr()
+    assert main(["evaluate", "--task", "segmentation", "--pred", str(out), "--ref", str(tmp_path / "ref"),
+                 "--rater", str(tmp_path / "ref2"), "--card", "sample_mni", "--uncertainty",
+                 "--out", str(tmp_path / "m.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ref2/slice.png" in err[0] and "[7]" in err[0], err
+    assert not (tmp_path / "m.json").exists()

@@ -319,7 +319,9 @@ def write_case(adapter: TaskAdapter, case: Case, outputs: dict[str, Output], out
             folder = output if index == 0 else output / name
             written.append(io.write(out.array, folder / f"{case.name}.nii.gz", like=like, spacing=out.spacing))
             if out.array.ndim == 3 and not adapter.png_main:
-                written.append(io.write_png(out.array[:3].float(), output / "png" / f"{case.name}_{name}.png",
+                # a PNG holds one or three channels: the first three of a map with more, the first of two
+                shown = out.array[:3] if out.array.shape[0] >= 3 else out.array[:1]
+                written.append(io.write_png(shown.float(), output / "png" / f"{case.name}_{name}.png",
                                             value_range=_preview_range(out, name)))
         info = info | {"outputs": [str(p) for p in written]}
         written.append(io.write_json(provenance_path(output, case.name), info))

@@ -288,18 +288,23 @@ def evaluate_segmentation(
     folders |= _uncertainty_folders(pred_dir, uncertainty) | {f"rater_{i + 2}": r for i, r in enumerate(raters)}
     translate = _prediction_classes(pred_labels, labels)
 
-    def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
-        pred, ref = _single_channel(images, paths, "pred"), _single_channel(images, paths, "ref")
-        region = _single_channel(images, paths, "region") > 0 if "region" in images else None
-        if region is not None and not region.any():
-            raise ValueError("the region mask is empty: there is nothing to evaluate inside it")
+    def reference(images: dict[str, Any], paths: dict[str, Path], key: str) -> np.ndarray:
+        """A reference rater's label map in the card's class ids, refused where the card cannot read it."""
+        ref = _single_channel(images, paths, key)
         if label_remap:
             ref = _remap(ref, label_remap, others=reference_others)
         if labels is not None:
             unnamed = sorted(set(np.unique(ref).tolist()) - {0} - set(labels.values()))
             if unnamed:
                 raise MedidiffError(f"holds label value(s) {unnamed[:10]} that the card does not name (add them to "
-                                    "its label_remap, or set label_others)", paths["ref"])
+                                    "its label_remap, or set label_others)", paths[key])
+        return ref
+
+    def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
+        pred, ref = _single_channel(images, paths, "pred"), reference(images, paths, "ref")
+        region = _single_channel(images, paths, "region") > 0 if "region" in images else None
+        if region is not None and not region.any():
+            raise ValueError("the region mask is empty: there is nothing to evaluate inside it")
         if translate is not None:
             pred = _translate(pred, translate, paths["pred"])
         if labels is not None:
@@ -311,8 +316,7 @@ def evaluate_segmentation(
         values = segmentation_metrics(pred, ref, present, spacing=spacing, region=region, nsd_tolerance=nsd_tolerance)
         if "prob" in images:
             model_space = _inverse(translate)
-            others = [_remap(np.asarray(images[r][0]), label_remap or {}, others=reference_others)
-                      for r in images if r.startswith("rater_")]
+            others = [reference(images, paths, r) for r in images if r.startswith("rater_")]
             values |= uncertainty_metrics(
                 np.asarray(images["prob"]), np.asarray(images["uncertainty"][0]), _translate_plain(pred, model_space),
                 _translate_plain(ref, model_space), region=region,
