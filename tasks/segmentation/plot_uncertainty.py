@@ -36,7 +36,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     case = args.case
-    image = panel(DRIVE / "images" / f"{case}_test.tif")
+    image = panel(DRIVE / "images" / f"{case}_test.tif") / 255.0
     first = panel(DRIVE / "1st_manual" / f"{case}_manual1.gif", "label") > 0
     second = panel(DRIVE / "2nd_manual" / f"{case}_manual2.gif", "label") > 0
     fov = panel(DRIVE / "mask" / f"{case}_test_mask.gif", "label") > 0
@@ -48,9 +48,10 @@ def main() -> None:
     error[pred & first], error[pred & ~first], error[~pred & first] = (1, 1, 1), (1, 0.2, 0.2), (0.2, 0.6, 1)
     disagree = np.zeros((*pred.shape, 3))
     disagree[first & second], disagree[first ^ second] = (0.6, 0.6, 0.6), (1, 0.8, 0)
-    panels = [(image, "image (01, patch)", None), (error, "prediction: white hit, red extra, blue missed", None),
-              (entropy * fov, f"uncertainty: {args.row}", "magma"), (baseline * fov, f"uncertainty: {args.baseline}",
-                                                                     "magma"),
+    panels = [(image, f"image {case}, rows 200-400, columns 330-530", None),
+              (error, f"{args.row}: white hit, red extra, blue missed", None),
+              (entropy * fov, f"uncertainty: {args.row}", "magma"),
+              (baseline * fov, f"uncertainty: {args.baseline}", "magma"),
               (disagree, "observers: grey agree, yellow disagree", None)]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.0 * len(panels), 3.3))
     for ax, (array, title, cmap) in zip(axes, panels):
