@@ -3,7 +3,7 @@
 Torch only: nothing here imports MONAI or Lightning, so the core can be tested and reused alone.
 """
 
-from medidiff.core.denoiser import DiscreteDenoiser, append_dims
+from medidiff.core.denoiser import DiscreteDenoiser, FlowDenoiser, append_dims
 from medidiff.core.guidance import (
     ClassifierFreeGuidance,
     DownsampleConsistency,
@@ -20,6 +20,7 @@ __all__ = [
     "SAMPLERS",
     "ClassifierFreeGuidance",
     "DiscreteDenoiser",
+    "FlowDenoiser",
     "DownsampleConsistency",
     "GradientStep",
     "KSpaceConsistency",

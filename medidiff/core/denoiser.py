@@ -84,12 +84,26 @@ class DiscreteDenoiser(nn.Module):
         self.quantize = quantize
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = min_snr_gamma
-        abar = alphas_cumprod(betas)
-        sigmas = sigmas_from_alphas_cumprod(abar)
+        sigmas = self.training_sigmas(betas)
+        abar = 1 / (1 + sigmas.double() ** 2)
         # float32 buffers: float64 is unavailable on some accelerators (MPS) and not needed at T <= 10^4.
         self.register_buffer("alphas_cumprod", abar.clamp(min=2.0**-24).float(), persistent=False)
         self.register_buffer("sigmas", sigmas.float(), persistent=False)
         self.register_buffer("log_sigmas", sigmas.log().float(), persistent=False)
+
+    @staticmethod
+    def training_sigmas(betas: Tensor) -> Tensor:
+        """The noise level of each trained timestep, ``(T,)`` increasing."""
+        return sigmas_from_alphas_cumprod(alphas_cumprod(betas))
+
+    def noise_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a, b)`` with ``x_t = a * x0 + b * noise`` at integer timesteps ``t``: ``sqrt(abar), sqrt(1 - abar)``."""
+        abar = self.alphas_cumprod[t]
+        return abar.sqrt(), (1 - abar).sqrt()
+
+    def velocity(self, x0: Tensor, noise: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        """The ``v`` target: ``a * noise - b * x0`` (Salimans & Ho, 2022)."""
+        return a * noise - b * x0
 
     @property
     def num_timesteps(self) -> int:
@@ -173,16 +187,16 @@ class DiscreteDenoiser(nn.Module):
             t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=x0.device)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-        abar = append_dims(self.alphas_cumprod[t].to(x0.dtype), x0.ndim)
-        x_t = abar.sqrt() * (x0 if source is None else source) + (1 - abar).sqrt() * noise
+        a, b = (append_dims(c.to(x0.dtype), x0.ndim) for c in self.noise_coefficients(t))
+        x_t = a * (x0 if source is None else source) + b * noise
         if source is not None:
-            noise = (x_t - abar.sqrt() * x0) / (1 - abar).sqrt()
+            noise = (x_t - a * x0) / b
         out = self.model(x_t, t.to(self.sigmas.dtype), **cond).to(x0.dtype)
-        target = {"epsilon": noise, "sample": x0, "v": abar.sqrt() * noise - (1 - abar).sqrt() * x0}
+        target = {"epsilon": noise, "sample": x0, "v": self.velocity(x0, noise, a, b)}
         mse = (out - target[self.prediction_type]).pow(2).flatten(1).mean(1)
         sigma = self.sigmas[t].to(x0.dtype)
         c_skip, c_out, _ = (append_dims(c, x0.ndim) for c in self.scalings(sigma))
-        x0_hat = c_skip * (x_t / abar.sqrt()) + c_out * out
+        x0_hat = c_skip * (x_t / a) + c_out * out  # x_t / a is x in the sampler's coordinates
         return mse * self.loss_weights(t).to(mse.dtype), x0_hat
 
     def loss_weights(self, t: Tensor) -> Tensor:
@@ -203,3 +217,53 @@ class DiscreteDenoiser(nn.Module):
         else:
             sigmas = timestep_sigmas(self.sigmas.double(), steps, grid)
         return sigmas.to(self.sigmas.device)
+
+
+class FlowDenoiser(DiscreteDenoiser):
+    """Flow matching / rectified flow (Lipman et al., 2023; Liu et al., 2023) behind the same sampler contract.
+
+    Training noises along the straight path ``x_t = (1 - t) x0 + t noise`` and, with ``prediction_type="v"``,
+    regresses the velocity ``noise - x0``. In the samplers' coordinates ``x = x_t / (1 - t) = x0 + sigma noise``
+    with ``sigma = t / (1 - t)``, so every sampler and hook runs unchanged; the scalings become
+
+    =========== ================= =======================
+    prediction  c_skip            c_out
+    =========== ================= =======================
+    epsilon     1                 -sigma
+    sample      0                 1
+    v           1 / (1 + sigma)   -sigma / (1 + sigma)
+    =========== ================= =======================
+
+    with ``c_in = 1 - t = 1 / (1 + sigma)``. The ``T`` trained times are ``t_k = (k + 1) / (T + 1)``, so neither
+    end (no noise, pure noise) is a trained level; the network sees ``k`` as its timestep, as a DDPM network does.
+    Uniform loss weighting only (min-SNR is defined for the DDPM objective).
+    """
+
+    def __init__(self, model: nn.Module, num_timesteps: int = 1000, prediction_type: PredictionType = "v", *,
+                 quantize: bool = False, loss_weighting: LossWeighting = "uniform", register_model: bool = True):
+        if loss_weighting != "uniform":
+            raise ValueError("flow matching trains with uniform loss weighting; min_snr is for the DDPM objective")
+        # there is no beta schedule: only the count of trained times reaches training_sigmas
+        super().__init__(model, torch.zeros(num_timesteps), prediction_type, quantize=quantize,
+                         register_model=register_model)
+
+    @staticmethod
+    def training_sigmas(betas: Tensor) -> Tensor:
+        count = betas.numel()
+        t = torch.arange(1, count + 1, dtype=torch.float64) / (count + 1)
+        return t / (1 - t)
+
+    def noise_coefficients(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        time = self.sigmas[t] / (1 + self.sigmas[t])
+        return 1 - time, time
+
+    def velocity(self, x0: Tensor, noise: Tensor, a: Tensor, b: Tensor) -> Tensor:
+        return noise - x0
+
+    def scalings(self, sigma: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        c_in = 1 / (1 + sigma)
+        if self.prediction_type == "epsilon":
+            return torch.ones_like(sigma), -sigma, c_in
+        if self.prediction_type == "sample":
+            return torch.zeros_like(sigma), torch.ones_like(sigma), c_in
+        return c_in, -sigma * c_in, c_in

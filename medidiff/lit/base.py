@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from monai.data import MetaTensor
 from torch import Tensor, nn
 
-from medidiff.core import DiscreteDenoiser, beta_schedule, drop_condition, get_sampler
+from medidiff.core import DiscreteDenoiser, FlowDenoiser, beta_schedule, drop_condition, get_sampler
 from medidiff.core.denoiser import LossWeighting, PredictionType, SigmaGrid
 from medidiff.core.guidance import ClassifierFreeGuidance, Hook
 from medidiff.core.schedules import BetaScheduleName
@@ -77,8 +77,11 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
 
     Args:
         net: called as ``net(x_t, t, cond=...)``; injected from YAML with ``class_path``/``init_args``.
-        prediction_type: what ``net`` predicts: ``epsilon``, ``sample`` (x0) or ``v``.
-        schedule, num_timesteps, zero_terminal_snr: the training noise schedule.
+        prediction_type: what ``net`` predicts: ``epsilon``, ``sample`` (x0) or ``v`` (with ``objective: flow``
+            the flow velocity ``noise - x0``).
+        objective: ``ddpm`` (noise along the schedule below) or ``flow`` (flow matching on the straight path
+            ``(1 - t) x0 + t noise``, :class:`medidiff.core.FlowDenoiser`); the samplers are the same.
+        schedule, num_timesteps, zero_terminal_snr: the training noise schedule (``flow`` uses the count only).
         loss_weighting, min_snr_gamma: weighting of the diffusion loss over timesteps.
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to ``max_steps``.
         sampler, steps, grid: sampling defaults (any name in ``medidiff.core.SAMPLERS``).
@@ -115,6 +118,7 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         schedule: BetaScheduleName = "linear",
         num_timesteps: int = 1000,
         zero_terminal_snr: bool = False,
+        objective: Literal["ddpm", "flow"] = "ddpm",
         loss_weighting: LossWeighting = "uniform",
         min_snr_gamma: float = 5.0,
         lr: float = 1e-3,
@@ -139,11 +143,17 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         self.save_hyperparameters(ignore=["net"])
         get_sampler(sampler)  # fail at construction on a misspelled sampler, not after training
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
-        betas = beta_schedule(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
         network = torch.compile(self.net) if compile else self.net
         # the network is registered once, as `net`: the denoiser holds it without owning its parameters
-        self.denoiser = DiscreteDenoiser(network, betas, prediction_type, loss_weighting=loss_weighting,
-                                         min_snr_gamma=min_snr_gamma, register_model=False)
+        if objective == "flow":
+            self.denoiser = FlowDenoiser(network, num_timesteps, prediction_type, loss_weighting=loss_weighting,
+                                         register_model=False)
+        elif objective == "ddpm":
+            betas = beta_schedule(schedule, num_timesteps, zero_terminal_snr=zero_terminal_snr)
+            self.denoiser = DiscreteDenoiser(network, betas, prediction_type, loss_weighting=loss_weighting,
+                                             min_snr_gamma=min_snr_gamma, register_model=False)
+        else:
+            raise ValueError(f"unknown objective {objective!r}; choose ddpm or flow")
 
     # ------------------------------------------------------------------------------ task interface
 
