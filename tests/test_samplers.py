@@ -18,6 +18,7 @@ STOCHASTIC = {
     "dpmpp_2m_sde": {},
     "euler": {"s_churn": 10.0},
     "heun": {"s_churn": 10.0},
+    "pc": {},
 }
 GAUSS = Gaussian(mean=0.3, std=0.5)
 
