@@ -332,6 +332,24 @@ def _to_metatensor(array: np.ndarray, affine: np.ndarray, path: Path, extra: dic
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(array)), affine=torch.as_tensor(affine), meta=meta)
 
 
+def reorient_like(image: MetaTensor, like: MetaTensor) -> MetaTensor:
+    """``image`` with its voxel axes flipped and permuted onto ``like``'s axis codes — exact, no interpolation
+    (the same voxels, stored in another order; e.g. a label map saved LAS beside its LPS series). Images whose
+    axis codes already agree, and 2D images, are returned unchanged."""
+    if image.meta.get("orientation") == like.meta.get("orientation") or image.ndim != 4:
+        return image
+    from nibabel import orientations
+
+    affine = np.asarray(image.affine, dtype=float)
+    transform = orientations.ornt_transform(orientations.io_orientation(affine),
+                                            orientations.io_orientation(np.asarray(like.affine, dtype=float)))
+    array = np.asarray(image)
+    moved = np.stack([orientations.apply_orientation(channel, transform) for channel in array])
+    new_affine = affine @ orientations.inv_ornt_aff(transform, array.shape[1:])
+    extra = {k: v for k, v in image.meta.items() if k == "spacing_known"}
+    return _to_metatensor(moved, new_affine, Path(image.meta["filename_or_obj"]), extra)
+
+
 # ----------------------------------------------------------------------------------------- writing
 
 

@@ -10,6 +10,7 @@ import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -104,7 +105,36 @@ def uncertainty_table(rows: list[dict], where: str, time_label: str) -> str:
     lines = ["| row | infer arguments | " + " | ".join(UNCERTAINTY_HEADER) + f" | {time_label} | machine |",
              "|---|---|" + "---|" * len(UNCERTAINTY_HEADER) + "---|---|"]
     for r in rows:
-        cells = [f"{r[k]:.3f}" if k in r and r[k] == r[k] else "–" for k in UNCERTAINTY_METRICS]
+        cells = [f"{r[k]:.3f}" if isinstance(r.get(k), (int, float)) and r[k] == r[k] else "–"
+                 for k in UNCERTAINTY_METRICS]
         lines.append(f"| {r['row']} | `{r['args'] or '(defaults)'}` | " + " | ".join(cells) +
                      f" | {r['seconds']:.0f} s | {where} |")
     return "\n".join(lines)
+
+
+def labelled_checkpoints(entries: list[str], default: str) -> list[tuple[str, Path]]:
+    """``[LABEL=]CKPT`` command-line entries as ``(label, path)``."""
+    pairs = []
+    for entry in entries:
+        label, _, path = entry.rpartition("=")
+        pairs.append((label or default, Path(path)))
+    return pairs
+
+
+def sampling_plan(label: str, ckpt: Path, steps: tuple[int, ...], ensembles: tuple[int, ...],
+                  members: int = 4) -> list[tuple[str, Path, list[str]]]:
+    """Rows ``LABEL_nfe<N>`` for each step count, and ``LABEL_nfe<N>_ens<members>`` for those in ``ensembles``."""
+    plan = [(f"{label}_nfe{n}", ckpt, ["--steps", str(n)]) for n in steps]
+    return plan + [(f"{label}_nfe{n}_ens{members}", ckpt, ["--steps", str(n), "--ensemble", str(members)])
+                   for n in ensembles]
+
+
+def run_uncertainty_rows(plan: list[tuple[str, Path, list[str]]], inputs: Path, ref: Path, out: Path, card: str,
+                         **evaluate: Any) -> list[dict]:
+    """Infer (unless complete) and :func:`evaluate_segmentation` every ``(name, ckpt, infer_args)`` of ``plan``."""
+    rows = []
+    for name, ckpt, infer_args in plan:
+        seconds = infer_unless_complete("segmentation", ckpt, inputs, out / name, infer_args)
+        rows.append({"row": name, "args": " ".join(infer_args), "seconds": seconds,
+                     **evaluate_segmentation(out / name, ref, out / f"{name}.json", card, **evaluate)})
+    return rows

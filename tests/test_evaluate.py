@@ -202,3 +202,25 @@ def test_fusion_values_off_the_8bit_scale_are_a_user_error(tmp_path):
     with pytest.raises(MedidiffError, match="8-bit") as err:
         evaluate_fusion(tmp_path / "fused", tmp_path / "a", tmp_path / "b")
     assert err.value.path.endswith("fused/x.nii.gz")
+
+
+def test_a_reference_stored_in_another_axis_order_is_reoriented_exactly(tmp_path):
+    """TotalSegmentator's DICOM label map is saved LAS beside its LPS series: the same voxels, y flipped.
+    evaluate puts it on the prediction's axes (no interpolation) instead of refusing or scoring it flipped."""
+    rng = np.random.default_rng(0)
+    label = (rng.random((12, 10, 6)) > 0.6).astype(np.uint8)
+    lps = np.diag([-1.0, -1.0, 2.0, 1.0])
+    lps[:3, 3] = [5.0, 7.0, -3.0]
+    las = lps.copy()
+    las[:3, 1] *= -1  # y axis reversed: voxel j of LAS is voxel (9 - j) of LPS
+    las[:3, 3] = lps[:3, :3] @ [0, 9, 0] + lps[:3, 3]
+    for folder in ("pred", "ref"):
+        (tmp_path / folder).mkdir()
+    nib.save(nib.Nifti1Image(label, lps), tmp_path / "pred" / "case.nii.gz")
+    nib.save(nib.Nifti1Image(label[:, ::-1].copy(), las), tmp_path / "ref" / "case.nii.gz")
+    result = evaluate_segmentation(tmp_path / "pred", tmp_path / "ref")
+    case = result["cases"][0]
+    assert case["dice_1"] == pytest.approx(1.0) and case["reoriented"] == ["ref"]
+    # the same reference without the flip in its data is a real disagreement, and is scored as one
+    nib.save(nib.Nifti1Image(label, las), tmp_path / "ref" / "case.nii.gz")
+    assert evaluate_segmentation(tmp_path / "pred", tmp_path / "ref")["cases"][0]["dice_1"] < 0.8

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from medidiff.errors import MedidiffError
-from medidiff.io import IMAGE_2D_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, read, write_json
+from medidiff.io import IMAGE_2D_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, read, reorient_like, write_json
 from medidiff.metrics.fusion import fusion_metrics
 from medidiff.metrics.image import image_metrics
 from medidiff.metrics.segmentation import segmentation_metrics
@@ -189,13 +189,17 @@ def _run(
     cases = []
     for name, paths in pairs:
         images = {role: read(p, kind=kinds[role]) for role, p in paths.items()}
-        _check_geometry(images, paths)
         first = next(iter(paths))
+        # the same voxels stored in another axis order are put in the first file's order (exact flips)
+        reoriented = [role for role in images if images[role].meta["orientation"] != images[first].meta["orientation"]]
+        images = {role: reorient_like(image, images[first]) for role, image in images.items()}
+        _check_geometry(images, paths)
         try:
             values = score(images, paths)
         except ValueError as err:  # a metric refused the data (range, size): the user's input
             raise MedidiffError(str(err), paths[first]) from None
-        cases.append({"case": name, **{role: str(p) for role, p in paths.items()}, **values})
+        cases.append({"case": name, **{role: str(p) for role, p in paths.items()}, **values}
+                     | ({"reoriented": reoriented} if reoriented else {}))
     if pairs_file is not None:
         settings = settings | {"pairs_file": str(pairs_file)}
     if complete is not None:

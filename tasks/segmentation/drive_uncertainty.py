@@ -15,7 +15,14 @@ import argparse
 import json
 from pathlib import Path
 
-from medidiff.results import evaluate_segmentation, infer_unless_complete, machine, uncertainty_table
+from medidiff.results import (
+    evaluate_segmentation,
+    labelled_checkpoints,
+    machine,
+    run_uncertainty_rows,
+    sampling_plan,
+    uncertainty_table,
+)
 
 DRIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "drive" / "test"
 
@@ -41,16 +48,10 @@ def main() -> None:
     if args.mc_dropout:
         plan += [("mc_dropout_unet", args.mc_dropout, []), ("mc_dropout_unet_8", args.mc_dropout,
                                                             ["--ensemble", "8"])]
-    for entry in args.residual:
-        label, _, path = entry.rpartition("=")
-        label, ckpt = label or "residual", Path(path)
-        plan += [(f"{label}_nfe{n}", ckpt, ["--steps", str(n)]) for n in (1, 2, 5, 10)]
-        plan += [(f"{label}_nfe{n}_ens4", ckpt, ["--steps", str(n), "--ensemble", "4"]) for n in (1, 2)]
-    rows = []
-    for name, ckpt, infer_args in plan:
-        seconds = infer_unless_complete("segmentation", ckpt, DRIVE / "images", args.out / name, infer_args)
-        rows.append({"row": name, "args": " ".join(infer_args), "seconds": seconds,
-                     **evaluate(args.out / name, args.out / f"{name}.json")})
+    for label, ckpt in labelled_checkpoints(args.residual, "residual"):
+        plan += sampling_plan(label, ckpt, (1, 2, 5, 10), (1, 2))
+    rows = run_uncertainty_rows(plan, DRIVE / "images", DRIVE / "1st_manual", args.out, "drive",
+                                region=DRIVE / "mask", raters=(DRIVE / "2nd_manual",))
     observer = {"row": "2nd_observer", "args": "", "seconds": 0.0,
                 **evaluate(DRIVE / "2nd_manual", args.out / "2nd_observer.json", uncertainty=False)}
     print("\n" + uncertainty_table([*rows, observer], machine(), "infer time (20 images)"))

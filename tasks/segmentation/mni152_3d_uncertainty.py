@@ -15,7 +15,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from medidiff.results import evaluate_segmentation, infer_unless_complete, machine, uncertainty_table
+from medidiff.results import labelled_checkpoints, machine, run_uncertainty_rows, sampling_plan, uncertainty_table
 
 
 def held_aside_case(out: Path) -> tuple[Path, Path]:
@@ -36,16 +36,9 @@ def main() -> None:
     images, labels = held_aside_case(args.out)
     plan = [("unet", args.unet, []), ("unet_tta4", args.unet, ["--ensemble", "4"])]
     plan += [("predictor_unet", args.predictor, [])] if args.predictor else []
-    for entry in args.residual:
-        label, _, path = entry.rpartition("=")
-        label, ckpt = label or "residual", Path(path)
-        plan += [(f"{label}_nfe{n}", ckpt, ["--steps", str(n)]) for n in (1, 2, 5)]
-        plan += [(f"{label}_nfe1_ens4", ckpt, ["--steps", "1", "--ensemble", "4"])]
-    rows = []
-    for name, ckpt, infer_args in plan:
-        seconds = infer_unless_complete("segmentation", ckpt, images, args.out / name, infer_args)
-        rows.append({"row": name, "args": " ".join(infer_args), "seconds": seconds,
-                     **evaluate_segmentation(args.out / name, labels, args.out / f"{name}.json", "mni152")})
+    for label, ckpt in labelled_checkpoints(args.residual, "residual"):
+        plan += sampling_plan(label, ckpt, (1, 2, 5), (1,))
+    rows = run_uncertainty_rows(plan, images, labels, args.out, "mni152")
     print("\n" + uncertainty_table(rows, machine(), "infer time"))
     (args.out / "rows.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
 
