@@ -8,6 +8,7 @@ Train the checkpoints first, the same steps and seed (the config's DDPM predicts
     medidiff fit --config configs/restoration/mni152_2d_kspace4x.yaml --trainer.max_steps 1200
     medidiff fit --config configs/restoration/mni152_2d_kspace4x.yaml --trainer.max_steps 1200 \\
         --model.init_args.objective flow --model.init_args.prediction_type v      # or sample
+    medidiff fit --config configs/restoration/mni152_2d_kspace4x_unet.yaml --trainer.max_steps 1200   # --unet
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ def restoration_script():
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", required=True, metavar="NAME=CKPT")
+    parser.add_argument("--unet", type=Path, help="a regression UNet of the same task, timed and scored beside them")
     parser.add_argument("--out", type=Path, default=Path("runs/flow_vs_ddpm"))
     parser.add_argument("--nfe", default="1,2,5,10")
     args = parser.parse_args()
     script = restoration_script()
     refs, inputs, mask = script.held_aside_cases(args.out)
     plan = [Row("zero_filled", inputs, note="the input itself")]
+    if args.unet:
+        plan += [Row("unet_dc", inputs, args.unet, ["--mask", str(mask)]),
+                 Row("unet", inputs, args.unet, ["--allow", "degradation"])]
     for entry in args.model:
         name, _, ckpt = entry.partition("=")
         for n in args.nfe.split(","):
