@@ -146,6 +146,7 @@ def fill_from_card(config) -> None:
     """Check (or fill, where null) ``cond_channels`` / ``in_channels`` of the network and ``num_classes`` of the
     model against the card the data module will load (``config``: the subcommand's jsonargparse namespace)."""
     from medidiff.data.cards import load_card
+    from medidiff.lit.segmentation import mask_channels
 
     data, model = config["data"], config["model"]
     card = load_card(data["card"], check_files=False)
@@ -161,16 +162,12 @@ def fill_from_card(config) -> None:
     field = "cond_channels" if net_class.endswith("ConditionalUNet") else "in_channels"
     if channels is not None and field in net:
         # a residual model is also conditioned on its predictor's estimate: one channel per diffused class
-        estimate = _mask_channels(init.get("num_classes")) if str(model.get("class_path", "")).endswith(
+        estimate = mask_channels(init.get("num_classes") or 2) if str(model.get("class_path", "")).endswith(
             "ResidualSegmentationDiffusion") else 0
         plus = f" plus {estimate} of the predictor's estimate" if estimate else ""
         _settle(net, field, channels + estimate, f"model.init_args.net.init_args.{field}",
                 f"card '{card.name}' gives {channels} image channel(s) ({names}){plus}; or choose channels with "
                 "the card's inputs.image.use")
-
-
-def _mask_channels(num_classes: int | None) -> int:
-    return 1 if not num_classes or num_classes == 2 else int(num_classes)
 
 
 def _settle(namespace, key: str, expected: int, flag: str, why: str) -> None:

@@ -10,7 +10,7 @@ import json
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -127,6 +127,19 @@ def sampling_plan(label: str, ckpt: Path, steps: tuple[int, ...], ensembles: tup
     plan = [(f"{label}_nfe{n}", ckpt, ["--steps", str(n)]) for n in steps]
     return plan + [(f"{label}_nfe{n}_ens{members}", ckpt, ["--steps", str(n), "--ensemble", str(members)])
                    for n in ensembles]
+
+
+def unet_and_residual_plan(unet: Path, predictor: Path | None, residuals: list[str], steps: tuple[int, ...],
+                           ensembles: tuple[int, ...], baselines: Sequence[tuple[str, Path, list[str]]] = ()
+                           ) -> list[tuple[str, Path, list[str]]]:
+    """The UNet alone and with 4 flips, its step-k predictor checkpoint if given, further ``baselines``, then each
+    ``[LABEL=]CKPT`` residual model's :func:`sampling_plan`: the rows the uncertainty tables share."""
+    plan = [("unet", unet, []), ("unet_tta4", unet, ["--ensemble", "4"])]
+    plan += [("predictor_unet", predictor, [])] if predictor else []
+    plan += list(baselines)
+    for label, ckpt in labelled_checkpoints(residuals, "residual"):
+        plan += sampling_plan(label, ckpt, steps, ensembles)
+    return plan
 
 
 def run_uncertainty_rows(plan: list[tuple[str, Path, list[str]]], inputs: Path, ref: Path, out: Path, card: str,

@@ -50,7 +50,7 @@ class UNetSegmenter(SegmentationOutputs, MedidiffModule, L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         logits = self.net(batch["image"].float())
         self.log("val/loss", self.loss(logits, batch["label"]), batch_size=logits.shape[0])
-        for name, value in self.sample_metrics(self._probabilities(logits)[None], batch).items():
+        for name, value in self.sample_metrics(self.class_probabilities(logits)[None], batch).items():
             self.log(f"val/{name}", value, batch_size=logits.shape[0])
 
     @torch.no_grad()
@@ -64,15 +64,16 @@ class UNetSegmenter(SegmentationOutputs, MedidiffModule, L.LightningModule):
         """
         members = ensemble or 1
         if members == 1:
-            return self._probabilities(self._logits(cond))[None]
+            return self.class_probabilities(self._logits(cond))[None]
         if getattr(self.net, "config", {}).get("dropout", 0) > 0:
-            return torch.stack([self._probabilities(logits) for logits in self._dropout_logits(cond, members, seed)])
+            members_logits = self._dropout_logits(cond, members, seed)
+            return torch.stack([self.class_probabilities(logits) for logits in members_logits])
         flips = flip_sets(cond.ndim - 2)
         if members > len(flips):
             raise MedidiffError(f"a UNet without dropout draws its ensemble members from the {len(flips)} flips of "
                                 f"a {cond.ndim - 2}D image; --ensemble {members} asks for more (train with "
                                 "net.init_args.dropout above 0 for MC dropout)")
-        return torch.stack([self._probabilities(self._logits(cond.flip(axes)).flip(axes))
+        return torch.stack([self.class_probabilities(self._logits(cond.flip(axes)).flip(axes))
                             for axes in flips[:members]])
 
     def _logits(self, cond: Tensor) -> Tensor:
@@ -90,11 +91,6 @@ class UNetSegmenter(SegmentationOutputs, MedidiffModule, L.LightningModule):
             finally:
                 for module in dropouts:
                     module.eval()
-
-    def _probabilities(self, logits: Tensor) -> Tensor:
-        """Softmax ``(B, C, *)``; binary tasks keep the foreground channel only (as diffusion's decode)."""
-        probability = logits.float().softmax(1)
-        return probability[:, 1:] if self.hparams.num_classes == 2 else probability
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -97,9 +97,7 @@ class ResidualSegmentationDiffusion(SegmentationDiffusion):
     def predictor_estimate(self, image: Tensor) -> tuple[Tensor, Tensor]:
         """``(logits, base)``: the predictor's class logits and its estimate of the diffused mask in [-1, 1]."""
         logits = network_logits(self.predictor, image, self.hparams.predictor_roi)
-        probability = logits.float().softmax(1)
-        probability = probability[:, 1:] if self.hparams.num_classes == 2 else probability
-        return logits, probability * 2 - 1
+        return logits, self.class_probabilities(logits) * 2 - 1
 
     def target_and_condition(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
         image = batch["image"].float()

@@ -18,6 +18,11 @@ from torch import Tensor
 from medidiff.lit.base import DiffusionModule
 
 
+def mask_channels(num_classes: int) -> int:
+    """Channels of the diffused mask: one foreground channel for a binary task, else one-hot of every class."""
+    return 1 if num_classes == 2 else num_classes
+
+
 class SegmentationOutputs:
     """What every segmentation module shares: one-hot targets, label maps and the validation Dice.
 
@@ -28,7 +33,12 @@ class SegmentationOutputs:
 
     @property
     def mask_channels(self) -> int:
-        return 1 if self.hparams.num_classes == 2 else self.hparams.num_classes
+        return mask_channels(self.hparams.num_classes)
+
+    def class_probabilities(self, logits: Tensor) -> Tensor:
+        """Softmax ``(B, C, *)``; binary tasks keep the foreground channel only, as the diffused mask does."""
+        probability = logits.float().softmax(1)
+        return probability[:, 1:] if self.hparams.num_classes == 2 else probability
 
     def one_hot(self, label: Tensor) -> Tensor:
         """``(B, 1, *spatial)`` class indices to ``(B, mask_channels, *spatial)`` in {0, 1}."""

@@ -17,20 +17,13 @@ from pathlib import Path
 
 from medidiff.results import (
     evaluate_segmentation,
-    labelled_checkpoints,
     machine,
     run_uncertainty_rows,
-    sampling_plan,
     uncertainty_table,
+    unet_and_residual_plan,
 )
 
 DRIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "drive" / "test"
-
-
-def evaluate(pred: Path, out: Path, uncertainty: bool = True) -> dict:
-    raters = (DRIVE / "2nd_manual",) if uncertainty else ()
-    return evaluate_segmentation(pred, DRIVE / "1st_manual", out, "drive", region=DRIVE / "mask", raters=raters,
-                                 uncertainty=uncertainty)
 
 
 def main() -> None:
@@ -42,18 +35,14 @@ def main() -> None:
     parser.add_argument("--predictor", type=Path, help="the residual model's stage-1 UNet, scored alone")
     parser.add_argument("--out", type=Path, default=Path("runs/drive_uncertainty"))
     args = parser.parse_args()
-    plan = [("unet", args.unet, []), ("unet_tta4", args.unet, ["--ensemble", "4"])]
-    if args.predictor:
-        plan.append(("predictor_unet", args.predictor, []))
-    if args.mc_dropout:
-        plan += [("mc_dropout_unet", args.mc_dropout, []), ("mc_dropout_unet_8", args.mc_dropout,
-                                                            ["--ensemble", "8"])]
-    for label, ckpt in labelled_checkpoints(args.residual, "residual"):
-        plan += sampling_plan(label, ckpt, (1, 2, 5, 10), (1, 2))
+    dropout = [("mc_dropout_unet", args.mc_dropout, []), ("mc_dropout_unet_8", args.mc_dropout, ["--ensemble", "8"])]
+    plan = unet_and_residual_plan(args.unet, args.predictor, args.residual, (1, 2, 5, 10), (1, 2),
+                                  baselines=dropout if args.mc_dropout else ())
     rows = run_uncertainty_rows(plan, DRIVE / "images", DRIVE / "1st_manual", args.out, "drive",
                                 region=DRIVE / "mask", raters=(DRIVE / "2nd_manual",))
     observer = {"row": "2nd_observer", "args": "", "seconds": 0.0,
-                **evaluate(DRIVE / "2nd_manual", args.out / "2nd_observer.json", uncertainty=False)}
+                **evaluate_segmentation(DRIVE / "2nd_manual", DRIVE / "1st_manual", args.out / "2nd_observer.json",
+                                        "drive", region=DRIVE / "mask", uncertainty=False)}
     print("\n" + uncertainty_table([*rows, observer], machine(), "infer time (20 images)"))
     (args.out / "rows.json").write_text(json.dumps({"machine": machine(), "rows": [*rows, observer]}, indent=1))
 

@@ -15,7 +15,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-from medidiff.results import labelled_checkpoints, machine, run_uncertainty_rows, sampling_plan, uncertainty_table
+from medidiff.results import machine, run_uncertainty_rows, uncertainty_table, unet_and_residual_plan
 
 
 def held_aside_case(out: Path) -> tuple[Path, Path]:
@@ -34,10 +34,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/mni152_3d_uncertainty"))
     args = parser.parse_args()
     images, labels = held_aside_case(args.out)
-    plan = [("unet", args.unet, []), ("unet_tta4", args.unet, ["--ensemble", "4"])]
-    plan += [("predictor_unet", args.predictor, [])] if args.predictor else []
-    for label, ckpt in labelled_checkpoints(args.residual, "residual"):
-        plan += sampling_plan(label, ckpt, (1, 2, 5), (1,))
+    plan = unet_and_residual_plan(args.unet, args.predictor, args.residual, (1, 2, 5), (1,))
     rows = run_uncertainty_rows(plan, images, labels, args.out, "mni152")
     print("\n" + uncertainty_table(rows, machine(), "infer time"))
     (args.out / "rows.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))

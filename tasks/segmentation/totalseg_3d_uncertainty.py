@@ -19,7 +19,7 @@ from pathlib import Path
 
 from medidiff import io
 from medidiff.data.cards import load_card
-from medidiff.results import labelled_checkpoints, machine, run_uncertainty_rows, sampling_plan, uncertainty_table
+from medidiff.results import machine, run_uncertainty_rows, uncertainty_table, unet_and_residual_plan
 
 
 def test_case(out: Path) -> tuple[Path, Path]:
@@ -42,10 +42,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/totalseg_3d_uncertainty"))
     args = parser.parse_args()
     images, labels = test_case(args.out)
-    plan = [("unet", args.unet, []), ("unet_tta4", args.unet, ["--ensemble", "4"])]
-    plan += [("predictor_unet", args.predictor, [])] if args.predictor else []
-    for label, ckpt in labelled_checkpoints(args.residual, "residual"):
-        plan += sampling_plan(label, ckpt, (1, 2, 5), (1,))
+    plan = unet_and_residual_plan(args.unet, args.predictor, args.residual, (1, 2, 5), (1,))
     # 30 % of the series is air at -1024..-1001 HU (7.6 % in training): clipped to the window's -1000, nothing lost
     plan = [(name, ckpt, [*infer_args, "--allow", "clipping"]) for name, ckpt, infer_args in plan]
     rows = run_uncertainty_rows(plan, images, labels, args.out, "totalseg_ct")
