@@ -96,6 +96,21 @@ def _cli_class():
                 fill_from_card(config)
             writable_root(config.get("trainer", {}).get("default_root_dir"))
 
+        def instantiate_classes(self) -> None:
+            """A MedidiffError raised while the model or data module is built (a predictor checkpoint that is
+            missing or foreign, say) reaches the user as itself, not wrapped in jsonargparse's type errors."""
+            try:
+                super().instantiate_classes()
+            except MedidiffError:
+                raise
+            except Exception as error:  # noqa: BLE001 - only to look for ours inside the chain
+                cause = error
+                while cause is not None and not isinstance(cause, MedidiffError):
+                    cause = cause.__cause__ or cause.__context__
+                if cause is None:
+                    raise
+                raise cause from None
+
         def instantiate_trainer(self, **kwargs):
             """Every checkpoint Lightning loads (``--ckpt_path`` of a file, ``last``, ``best``, ``hpc``) goes
             through :func:`medidiff.checkpoint.read_checkpoint`: weights only, clear errors."""

@@ -114,3 +114,23 @@ def test_mc_dropout_members_differ_repeat_with_the_seed_and_leave_the_network_in
     assert torch.equal(first, again) and not torch.allclose(first[0], first[1])
     assert not any(m.training for m in module.net.modules())
     assert torch.allclose(module.predict_probabilities(image)[0], module.net(image).softmax(1)[:, 1:])
+
+
+def test_fit_with_a_missing_predictor_checkpoint_is_one_line_naming_it(tmp_path, capsys):
+    """An error raised while LightningCLI builds the model reached the user wrapped in jsonargparse's type errors
+    (a traceback, exit 1); now it is the one line the user needs, and nothing is written."""
+    import yaml
+
+    from tests.conftest import REPO
+    from tests.test_bad_inputs import user_error
+
+    config = yaml.safe_load((REPO / "configs/segmentation/sample_mni_2d.yaml").read_text())
+    config["model"]["class_path"] = "medidiff.lit.ResidualSegmentationDiffusion"
+    config["model"]["init_args"]["predictor_ckpt"] = str(tmp_path / "missing.ckpt")
+    config["model"]["init_args"]["net"]["init_args"]["cond_channels"] = 4  # the image and 3 class probabilities
+    path = tmp_path / "residual.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run = tmp_path / "run"
+    user_error(capsys, ["fit", "--config", str(path), "--trainer.fast_dev_run", "1", "--trainer.default_root_dir",
+                        str(run)], "missing.ckpt", "checkpoint not found")
+    assert not [p for p in run.rglob("*") if p.is_file()]
