@@ -3,6 +3,9 @@ quality at 1, 2, 5 and 10 NFE with and without k-space consistency, on the 25 he
 ``tasks/restoration/results.py`` — every row ``medidiff infer`` + ``medidiff evaluate``, in one run.
 
     python benchmarks/bench_flow_vs_ddpm.py --model ddpm=CKPT --model flow=CKPT [--model ...] [--out DIR]
+    python benchmarks/bench_flow_vs_ddpm.py --model teacher=CKPT --model student=CKPT@1,2 --dc-only   # distillation
+
+``NAME=CKPT@N,N`` gives one model its own NFE list; ``--dc-only`` skips the rows without k-space consistency.
 
 Train the checkpoints first, the same steps and seed (the config's DDPM predicts x0):
     medidiff fit --config configs/restoration/mni152_2d_kspace4x.yaml --trainer.max_steps 1200
@@ -36,6 +39,7 @@ def main() -> None:
     parser.add_argument("--unet", type=Path, help="a regression UNet of the same task, timed and scored beside them")
     parser.add_argument("--out", type=Path, default=Path("runs/flow_vs_ddpm"))
     parser.add_argument("--nfe", default="1,2,5,10")
+    parser.add_argument("--dc-only", action="store_true", help="only the rows with k-space consistency")
     args = parser.parse_args()
     script = restoration_script()
     refs, inputs, mask = script.held_aside_cases(args.out)
@@ -44,10 +48,12 @@ def main() -> None:
         plan += [Row("unet_dc", inputs, args.unet, ["--mask", str(mask)]),
                  Row("unet", inputs, args.unet, ["--allow", "degradation"])]
     for entry in args.model:
-        name, _, ckpt = entry.partition("=")
-        for n in args.nfe.split(","):
+        name, _, ckpt_and_nfe = entry.partition("=")
+        ckpt, _, nfe = ckpt_and_nfe.partition("@")
+        for n in (nfe or args.nfe).split(","):
             plan.append(Row(f"{name}_dc_nfe{n}", inputs, Path(ckpt), ["--steps", n, "--mask", str(mask)]))
-            plan.append(Row(f"{name}_nfe{n}", inputs, Path(ckpt), ["--steps", n, "--allow", "degradation"]))
+            if not args.dc_only:
+                plan.append(Row(f"{name}_nfe{n}", inputs, Path(ckpt), ["--steps", n, "--allow", "degradation"]))
     rows = [run_image_row("restoration", row, args.out, refs, script.DATA_RANGE) for row in plan]
     for r in rows:
         r["args"] = r["args"].replace(str(mask), "MASK")

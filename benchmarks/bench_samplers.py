@@ -31,7 +31,7 @@ from medidiff.core.schedules import (
 )
 
 NFES = (5, 10, 20, 50)
-DETERMINISTIC = ("euler", "ddim", "heun", "dpmpp_2m")
+DETERMINISTIC = ("euler", "ddim", "heun", "dpmpp_2m", "unipc")
 # the noise range of a DDPM trained with MONAI's default linear schedule (T = 1000, beta 1e-4 .. 2e-2)
 _TRAINED = sigmas_from_alphas_cumprod(alphas_cumprod(beta_schedule("linear", 1000)))
 SIGMA_MIN, SIGMA_MAX = float(_TRAINED[0]), float(_TRAINED[-1])

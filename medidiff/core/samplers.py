@@ -189,6 +189,64 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, hook=None, callb
     return x
 
 
+def _unipc_coefficients(h: float, ratios: list[float]) -> tuple[list[float], list[float]]:
+    """UniPC's predictor and corrector weights (Zhao et al., NeurIPS 2023, Alg. 2, variant B(h) = e^h - 1) in the
+    data prediction, for one step of log-length ``h`` with earlier outputs at ``ratios`` (r_k < 0) of that step.
+
+    Solves ``R rho = b`` with ``R[i, k] = r_k**i`` and ``b[i] = (i+1)! phi_{i+2}(-h) / B(h)``; the predictor uses
+    the earlier outputs only, the corrector also the new one (r = 1), which raises the order by one."""
+    hh = -h
+    b_h = math.expm1(hh)
+    phi, factorial, b = math.expm1(hh) / hh - 1, 1.0, []
+    nodes = ratios + [1.0]
+    for i in range(1, len(nodes) + 1):
+        b.append(phi * factorial / b_h)
+        factorial *= i + 1
+        phi = phi / hh - 1 / factorial
+    matrix = torch.tensor([[r ** i for r in nodes] for i in range(len(nodes))], dtype=torch.float64)
+    rhs = torch.tensor(b, dtype=torch.float64)
+    corrector = torch.linalg.solve(matrix, rhs).tolist()
+    predictor = torch.linalg.solve(matrix[:-1, :-1], rhs[:-1]).tolist() if ratios else []
+    return predictor, corrector
+
+
+def _weighted_differences(differences: list[Tensor], weights: list[float]) -> Tensor | float:
+    return sum((d * w for d, w in zip(differences, weights)), start=0.0)
+
+
+@torch.no_grad()
+def sample_unipc(denoiser, x, sigmas, *, generator=None, hook=None, callback=None, order=2):
+    """UniPC (Zhao et al., NeurIPS 2023): multistep predictor of order ``order`` and the unified corrector, which
+    reuses the next step's network output, so 1 NFE per step and global order ``order + 1``; the last step has no
+    corrector. Lower orders on the first steps and, on grids under 10 steps, the last ones (as the authors do)."""
+    del generator  # deterministic; the argument keeps the shared signature
+    levels = _levels(sigmas)
+    steps = len(levels) - 1
+    denoised = _denoise(denoiser, x, levels[0], hook)
+    history: list[tuple[float, Tensor]] = []  # (log-sigma, denoised) of earlier levels, newest last
+    for i, (sigma, sigma_next) in enumerate(zip(levels, levels[1:])):
+        _report(callback, i, x, sigma, sigma_next, denoised)
+        if sigma_next == 0:
+            return denoised
+        step_order = min(order, i + 1, steps - i if steps < 10 else order)
+        h = math.log(sigma / sigma_next)
+        earlier = history[len(history) - (step_order - 1):] if step_order > 1 else []
+        ratios = [(math.log(sigma) - log_sigma) / h for log_sigma, _ in earlier]  # lambda = -log sigma
+        differences = [(previous - denoised) / r for (_, previous), r in zip(earlier, ratios)]
+        rho_p, rho_c = _unipc_coefficients(h, ratios)
+        b_h = math.expm1(-h)
+        first_order = torch.add(x * (sigma_next / sigma), denoised, alpha=-b_h)
+        x_next = first_order - b_h * _weighted_differences(differences, rho_p)
+        history = (history + [(math.log(sigma), denoised)])[-max(order - 1, 1):]
+        if i == steps - 1:
+            return x_next
+        denoised_next = _denoise(denoiser, x_next, sigma_next, hook)
+        correction = _weighted_differences(differences, rho_c[:-1]) + rho_c[-1] * (denoised_next - denoised)
+        x = first_order - b_h * correction
+        denoised = denoised_next
+    return x
+
+
 def langevin_correct(denoiser, x: Tensor, sigma: float, *, step_ratio: float, generator=None,
                      hook: Hook | None = None) -> tuple[Tensor, Tensor]:
     """One Langevin step at a fixed noise level: ``x + eps * score + sqrt(2 eps) z`` with ``eps = step_ratio *
@@ -228,6 +286,7 @@ SAMPLERS: dict[str, Callable[..., Tensor]] = {
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "pc": sample_pc,
+    "unipc": sample_unipc,
 }
 
 # Network evaluations per step; the last step to sigma = 0 of Heun and of predictor-corrector costs one.

@@ -23,6 +23,7 @@ from medidiff.core.denoiser import LossWeighting, PredictionType, SigmaGrid
 from medidiff.core.guidance import ClassifierFreeGuidance, Hook
 from medidiff.core.schedules import BetaScheduleName
 from medidiff.errors import MedidiffError
+from medidiff.lit.distill import check_distillation_settings, distillation_loss, load_teacher
 
 
 class MedidiffModule:
@@ -106,6 +107,13 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
             recycled ``x_t`` to ``x0`` grows like ``1 / sqrt(1 - abar)`` at low noise levels.
         channels_last, compile: opt-in speed switches (measured in benchmarks/).
         seed: base seed of sampling in validation and prediction.
+        teacher_ckpt: distil this trained checkpoint (same class, network and denoiser settings) into a student
+            for ``steps`` steps of ``grid`` (:mod:`medidiff.lit.distill`); the student starts from its weights.
+        teacher_steps_per_step, teacher_sampler: how the teacher solves each student step (2 steps of
+            ``dpmpp_2m``: one round of progressive distillation).
+        teacher_hook: apply the task's measurement hook (data consistency) to the teacher's steps and to the
+            student's estimate while distilling, as sampling will.
+        teacher_source: where the teacher came from (recorded; set from ``teacher_ckpt``).
     """
 
     task: str = "base"
@@ -138,10 +146,16 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         seed: int = 0,
+        teacher_ckpt: str | None = None,
+        teacher_steps_per_step: int = 2,
+        teacher_sampler: str = "dpmpp_2m",
+        teacher_hook: bool = True,
+        teacher_source: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         get_sampler(sampler)  # fail at construction on a misspelled sampler, not after training
+        check_distillation_settings(teacher_steps_per_step, teacher_sampler)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         network = torch.compile(self.net) if compile else self.net
         # the network is registered once, as `net`: the denoiser holds it without owning its parameters
@@ -154,6 +168,17 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
                                              min_snr_gamma=min_snr_gamma, register_model=False)
         else:
             raise ValueError(f"unknown objective {objective!r}; choose ddpm or flow")
+        self._teacher: list[DiffusionModule] = []  # a list: the teacher is neither a submodule nor stored
+        if teacher_ckpt is not None:
+            self.attach_teacher(teacher_ckpt)
+
+    def attach_teacher(self, path: str) -> None:
+        """Distil the checkpoint at ``path``: start from its weights, keep it (frozen, unsaved) as the teacher."""
+        teacher = load_teacher(path, self)
+        self.net.load_state_dict(teacher.net.state_dict())
+        self._teacher = [teacher]
+        # the checkpoint is read once; a student checkpoint loads without it
+        self.hparams.update(teacher_ckpt=None, teacher_source=str(path))
 
     # ------------------------------------------------------------------------------ task interface
 
@@ -231,7 +256,14 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         if sampling.get("chosen_by") == "validation":
             self.validated_sampling = sampling
 
+    def diffused_hook(self, hook: Hook | None, cond: Tensor | None) -> Hook | None:
+        """A hook on output-space estimates made to act on the diffused variable (the same unless a task
+        diffuses something else, e.g. a residual)."""
+        return hook
+
     def _loss(self, batch: dict[str, Any], stage: str, generator: torch.Generator | None = None) -> Tensor:
+        if self._teacher:
+            return self._distillation_loss(batch, stage, generator)
         x0, cond = self.target_and_condition(batch)
         if cond is not None and stage == "train":
             cond = drop_condition(cond, self.hparams.cond_drop)
@@ -246,6 +278,14 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
             self.log(f"{stage}/extra_loss", extra, batch_size=x0.shape[0])
             loss = loss + extra
         self.log(f"{stage}/loss", loss, batch_size=x0.shape[0], prog_bar=stage == "val")
+        return loss
+
+    def _distillation_loss(self, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Tensor:
+        teacher = self._teacher[0].to(self.device)
+        per_sample, index = distillation_loss(self, teacher, batch, generator)
+        loss = per_sample.mean()
+        self.log(f"{stage}/distill_loss_step{index}", loss, batch_size=per_sample.shape[0])
+        self.log(f"{stage}/loss", loss, batch_size=per_sample.shape[0], prog_bar=True)
         return loss
 
     def draw_timesteps(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:

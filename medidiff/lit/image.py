@@ -89,10 +89,15 @@ class ImageDiffusion(ImageConventions, DiffusionModule):
         scale = self.hparams.residual_scale
         if not scale or cond is None:
             return super().sample(cond, hook=hook, **kwargs)
+        return cond.float() + super().sample(cond, hook=self.diffused_hook(hook, cond), **kwargs) / scale
+
+    def diffused_hook(self, hook: Hook | None, cond: Tensor | None) -> Hook | None:
+        """With ``residual_scale`` the diffused variable is ``(image - cond) * scale``: the hook is moved there."""
+        scale = self.hparams.residual_scale
+        if hook is None or not scale or cond is None:
+            return hook
         base = cond.float()
-        residual_hook = None if hook is None else (
-            lambda x0_hat, sigma, x: (hook(base + x0_hat / scale, sigma, x) - base) * scale)
-        return base + super().sample(cond, hook=residual_hook, **kwargs) / scale
+        return lambda x0_hat, sigma, x: (hook(base + x0_hat / scale, sigma, x) - base) * scale
 
     @torch.no_grad()
     def estimate(self, cond: Tensor, hook: Hook | None = None, patch_size: Sequence[int] | None = None,

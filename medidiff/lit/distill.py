@@ -1,0 +1,100 @@
+"""Distillation of a trained diffusion model into a few-step student (progressive distillation, Salimans & Ho 2022).
+
+The student is the teacher's own module class and network, started from the teacher's weights and trained for the
+sampling grid it will be used on: ``steps`` levels of its ``grid`` (e.g. 2 steps, exponential). For each batch one
+student step ``sigma -> sigma_next`` of that grid is drawn; the teacher solves the same interval with
+``teacher_steps_per_step`` steps of ``teacher_sampler`` from ``x = x0 + sigma * noise``, and the student's single
+DDIM step must land where the teacher did. A DDIM step ``x_next = D + (x - D) * sigma_next / sigma`` lands at the
+teacher's ``x_teacher`` exactly when its estimate is
+
+    D* = (x_teacher - r x) / (1 - r),   r = sigma_next / sigma,
+
+so the student regresses ``D*`` in x0 space. With 2 teacher steps per student step this is one round of
+progressive distillation; more teacher steps per step reach a 2-step student in one round.
+
+The task's measurement hook (k-space or down-sampling consistency) acts on every teacher step and on the
+student's estimate, as it will at sampling, so the student learns what is left after data consistency. The
+teacher is read weights-only and is not stored: a student checkpoint is an ordinary checkpoint of its task.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from medidiff.core import get_sampler
+from medidiff.core.schedules import exponential_sigmas
+from medidiff.errors import MedidiffError
+
+# hyperparameters that fix what the network's output means: a student must share them with its teacher
+DENOISER_SETTINGS = ("objective", "prediction_type", "schedule", "num_timesteps", "zero_terminal_snr",
+                     "residual_scale", "num_classes")
+
+
+def load_teacher(path: str, student: Any) -> Any:
+    """The teacher module of ``student`` from a checkpoint (weights-only), checked to be the same kind of model."""
+    from medidiff.checkpoint import load_module
+    from medidiff.lit.base import net_config
+
+    teacher, _ = load_module(path)
+    if type(teacher) is not type(student):
+        raise MedidiffError(f"is a {type(teacher).__name__} checkpoint; a {type(student).__name__} student needs a "
+                            f"teacher of its own class", path)
+    for name in DENOISER_SETTINGS:
+        mine, theirs = student.hparams.get(name), teacher.hparams.get(name)
+        if mine != theirs:
+            raise MedidiffError(f"was trained with {name}={theirs!r} but the student has {name}={mine!r}; "
+                                f"set model.init_args.{name}: {theirs!r}", path)
+    if net_config(teacher.net) != net_config(student.net):
+        raise MedidiffError(f"holds the network {net_config(teacher.net)}, the student {net_config(student.net)}; "
+                            "the student starts from the teacher's weights, so give it the same net", path)
+    return teacher.requires_grad_(False)
+
+
+def teacher_grid(sigma: float, sigma_next: float, steps: int, sigma_min: float) -> Tensor:
+    """``steps`` teacher steps over one student step: uniform in log sigma, and down to ``sigma_min`` then 0
+    when the student step ends at 0."""
+    if sigma_next > 0:
+        return exponential_sigmas(steps + 1, sigma_next, sigma)[:-1]
+    if steps == 1:
+        return torch.tensor([sigma, 0.0], dtype=torch.float64)
+    return exponential_sigmas(steps, min(sigma_min, sigma * 0.5), sigma)
+
+
+def student_target(x: Tensor, x_teacher: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    """The x0 estimate whose DDIM step from ``x`` at ``sigma`` lands on ``x_teacher`` at ``sigma_next``."""
+    ratio = sigma_next / sigma
+    return (x_teacher - ratio * x) / (1 - ratio)
+
+
+def distillation_loss(student: Any, teacher: Any, batch: dict[str, Any],
+                      generator: torch.Generator | None = None) -> tuple[Tensor, int]:
+    """``(loss per sample (B,), student step index)`` for one batch: the student's x0 error against the target
+    that makes its one step equal the teacher's ``teacher_steps_per_step`` steps."""
+    hp = student.hparams
+    x0, cond = student.target_and_condition(batch)
+    kwargs = {} if cond is None else {"cond": student._layout(cond)}
+    hook = student.diffused_hook(student.measurement_hook(batch), cond) if hp.teacher_hook else None
+    sigmas = [float(s) for s in student.denoiser.get_sigmas(hp.steps, hp.grid)]
+    index = int(torch.randint(0, len(sigmas) - 1, (1,), generator=generator, device=x0.device))
+    sigma, sigma_next = sigmas[index], sigmas[index + 1]
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
+    x = student._layout(x0 + sigma * noise)
+    with torch.no_grad():
+        grid = teacher_grid(sigma, sigma_next, hp.teacher_steps_per_step, teacher.denoiser.sigma_min)
+        solve = get_sampler(hp.teacher_sampler)
+        x_teacher = solve(functools.partial(teacher.denoiser, **kwargs), x, grid.to(x.device), hook=hook)
+        target = student_target(x, x_teacher, sigma, sigma_next)
+    estimate = student.denoiser(x, x.new_full((x.shape[0],), sigma), **kwargs)
+    if hook is not None:
+        estimate = hook(estimate, x.new_full((x.shape[0],), sigma), x)
+    return (estimate.float() - target.float()).pow(2).flatten(1).mean(1), index
+
+
+def check_distillation_settings(teacher_steps_per_step: int, teacher_sampler: str) -> None:
+    if teacher_steps_per_step < 1:
+        raise ValueError(f"teacher_steps_per_step must be at least 1, got {teacher_steps_per_step}")
+    get_sampler(teacher_sampler)

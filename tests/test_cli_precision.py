@@ -1,0 +1,26 @@
+"""bf16 autocast is kept only where the hardware computes it: emulated bf16 on an AVX2 CPU was 13x slower."""
+
+from __future__ import annotations
+
+import pytest
+
+from medidiff import cli
+
+
+@pytest.mark.parametrize("has_bf16,accelerator,precision,expected", [
+    (False, "cpu", "bf16-mixed", "32-true"),
+    (False, "auto", "bf16-mixed", "32-true"),
+    (True, "cpu", "bf16-mixed", "bf16-mixed"),
+    (False, "gpu", "bf16-mixed", "bf16-mixed"),
+    (False, "cpu", "32-true", "32-true"),
+    (False, "cpu", "16-mixed", "16-mixed"),
+])
+def test_bf16_falls_back_to_float32_only_on_a_cpu_without_bf16(monkeypatch, capsys, has_bf16, accelerator,
+                                                               precision, expected):
+    monkeypatch.setattr(cli, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(cli, "runs_on_cpu", lambda a: a in ("cpu", "auto"))
+    trainer = {"accelerator": accelerator, "precision": precision}
+    cli.cpu_precision(trainer)
+    assert trainer["precision"] == expected
+    said = capsys.readouterr().err
+    assert ("AVX512-BF16" in said) == (expected != precision)

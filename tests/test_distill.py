@@ -1,0 +1,142 @@
+"""Distillation into a few-step student: the target is exact, the student is its teacher's kind of model, and a
+student checkpoint is an ordinary checkpoint of its task."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from medidiff.checkpoint import export, load_module
+from medidiff.core.analytic import Gaussian
+from medidiff.core.samplers import sample_ddim, sample_heun
+from medidiff.data.degrade import degrade_with_extras
+from medidiff.errors import MedidiffError
+from medidiff.lit import RestorationDiffusion, SuperResDiffusion
+from medidiff.lit.distill import distillation_loss, student_target, teacher_grid
+from medidiff.nets import ConditionalUNet
+
+GAUSS = Gaussian(mean=0.3, std=0.5)
+
+
+def _net(channels=(8, 16)):
+    return ConditionalUNet(2, 1, 1, channels=channels, norm_num_groups=4)
+
+
+def _teacher_file(tmp_path, cls=RestorationDiffusion, seed=0, **options):
+    torch.manual_seed(seed)
+    teacher = cls(net=_net(), prediction_type=options.pop("prediction_type", "sample"), **options)
+    with torch.no_grad():  # the output layer starts at zero: a teacher whose estimate depends on its input
+        for parameter in teacher.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return export(teacher, {"card": "sample_mni"}, tmp_path / "teacher.ckpt", half=False), teacher
+
+
+def _kspace_batch(seed=0):
+    image = torch.nn.functional.avg_pool2d(torch.rand((1, 1, 32, 32), generator=torch.Generator().manual_seed(seed)),
+                                           3, 1, 1)[0]
+    degraded, extras = degrade_with_extras(image, {"kspace": {"acceleration": 4, "dims": 2}}, seed=1)
+    return {"image": image[None], "condition": degraded[None], "kspace_mask": extras["kspace_mask"][None]}
+
+
+def test_one_ddim_step_with_the_student_target_lands_on_the_teacher():
+    x, x_teacher = torch.randn(2, 1, 6, 6, dtype=torch.float64), torch.randn(2, 1, 6, 6, dtype=torch.float64)
+    for sigma, sigma_next in [(80.0, 1.3), (1.3, 0.0), (2.0, 1.9)]:
+        target = student_target(x, x_teacher, sigma, sigma_next)
+        grid = torch.tensor([sigma, sigma_next], dtype=torch.float64)
+        landed = sample_ddim(lambda _x, _s, target=target: target, x, grid)
+        assert torch.allclose(landed, x_teacher, atol=1e-9)
+
+
+@pytest.mark.parametrize("interval", [(40.0, 1.5), (1.5, 0.0)])
+def test_target_from_an_exact_teacher_is_the_exact_flow_in_one_step(interval):
+    """With the Gaussian's exact denoiser as teacher (Heun, 1024 steps over the interval), one student DDIM step
+    from the distilled target reproduces the exact probability-flow map of that interval."""
+    sigma, sigma_next = interval
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigma
+    grid = teacher_grid(sigma, sigma_next, 1024, sigma_min=1e-4)
+    assert len(grid) == 1025 and float(grid[0]) == sigma and float(grid[-1]) == sigma_next
+    x_teacher = sample_heun(GAUSS.denoiser, x, grid)
+    target = student_target(x, x_teacher, sigma, sigma_next)
+    one_step = sample_ddim(lambda _x, _s: target, x, torch.tensor([sigma, sigma_next], dtype=torch.float64))
+    exact = GAUSS.flow(x, sigma, max(sigma_next, 1e-4))
+    assert (one_step - exact).abs().max() < 1e-4
+
+
+def test_teacher_grid_counts_its_steps_and_ends_where_the_student_step_ends():
+    assert teacher_grid(10.0, 2.0, 3, 0.01).tolist() == pytest.approx([10.0, 10.0 * 0.2 ** (1 / 3),
+                                                                       10.0 * 0.2 ** (2 / 3), 2.0])
+    to_zero = teacher_grid(10.0, 0.0, 4, 0.01)
+    assert len(to_zero) == 5 and float(to_zero[-1]) == 0 and float(to_zero[-2]) == pytest.approx(0.01)
+    assert teacher_grid(10.0, 0.0, 1, 0.01).tolist() == [10.0, 0.0]
+
+
+def test_student_starts_from_the_teacher_and_its_checkpoint_needs_no_teacher(tmp_path):
+    path, teacher = _teacher_file(tmp_path)
+    student = RestorationDiffusion(net=_net(), prediction_type="sample", teacher_ckpt=str(path), steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(student.net.state_dict().values(), teacher.net.state_dict().values()))
+    assert student.hparams.teacher_ckpt is None and student.hparams.teacher_source == str(path)
+    assert not any(name.startswith("_teacher") for name in student.state_dict())
+    saved = export(student, {"card": "sample_mni"}, tmp_path / "student.ckpt", half=False)
+    path.unlink()
+    loaded, _ = load_module(saved)
+    assert not loaded._teacher and loaded.hparams.steps == 2
+
+
+def test_a_student_that_copies_a_one_step_teacher_has_zero_loss_and_more_steps_teach_it_something(tmp_path):
+    """Teacher = student, one DDIM teacher step per student step: the target is the student's own (hooked)
+    estimate, so the loss is 0 up to rounding; two teacher steps give a target it does not yet meet."""
+    path, _ = _teacher_file(tmp_path)
+    batch = _kspace_batch()
+    losses = {}
+    for teacher_steps in (1, 2):
+        student = RestorationDiffusion(net=_net(), prediction_type="sample", teacher_ckpt=str(path), steps=2,
+                                       teacher_steps_per_step=teacher_steps, teacher_sampler="ddim")
+        for seed in range(3):  # both student steps get drawn
+            loss, index = distillation_loss(student, student._teacher[0], batch, torch.Generator().manual_seed(seed))
+            losses.setdefault(teacher_steps, []).append(float(loss.detach().mean()))
+    assert max(losses[1]) < 1e-10
+    assert min(losses[2]) > 1e-6
+
+
+def test_distillation_gradient_reaches_the_student_only(tmp_path):
+    path, _ = _teacher_file(tmp_path)
+    student = RestorationDiffusion(net=_net(), prediction_type="sample", teacher_ckpt=str(path), steps=2)
+    loss, _ = distillation_loss(student, student._teacher[0], _kspace_batch(), torch.Generator().manual_seed(0))
+    loss.mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.net.parameters())
+    assert all(p.grad is None for p in student._teacher[0].parameters())
+
+
+def test_the_student_step_keeps_data_consistency(tmp_path):
+    """The hook acts on the student's estimate in the loss: measured k-space never contributes to it."""
+    path, _ = _teacher_file(tmp_path)
+    batch = _kspace_batch()
+    student = RestorationDiffusion(net=_net(), prediction_type="sample", teacher_ckpt=str(path), steps=2)
+    hook = student.measurement_hook(batch)
+    calls = []
+    student.measurement_hook = lambda b: functools.partial(_count, hook, calls)
+    distillation_loss(student, student._teacher[0], batch, torch.Generator().manual_seed(0))
+    assert len(calls) == student.hparams.teacher_steps_per_step + 1  # every teacher step and the student's
+
+
+def _count(hook, calls, x0_hat, sigma, x):
+    calls.append(float(sigma[0]))
+    return hook(x0_hat, sigma, x)
+
+
+@pytest.mark.parametrize("student_options,message", [
+    ({"cls": SuperResDiffusion}, "is a RestorationDiffusion checkpoint"),
+    ({"prediction_type": "epsilon"}, "prediction_type='sample'"),
+    ({"residual_scale": 4.0}, "residual_scale=0.0"),
+    ({"channels": (8, 8, 16)}, "same net"),
+])
+def test_a_teacher_of_another_kind_is_refused_naming_the_file(tmp_path, student_options, message):
+    path, _ = _teacher_file(tmp_path)
+    cls = student_options.pop("cls", RestorationDiffusion)
+    channels = student_options.pop("channels", (8, 16))
+    options = {"prediction_type": "sample"} | student_options
+    with pytest.raises(MedidiffError, match=message) as caught:
+        cls(net=_net(channels), teacher_ckpt=str(path), **options)
+    assert str(path) in str(caught.value)
