@@ -5,7 +5,8 @@ quality at 1, 2, 5 and 10 NFE with and without k-space consistency, on the 25 he
     python benchmarks/bench_flow_vs_ddpm.py --model ddpm=CKPT --model flow=CKPT [--model ...] [--out DIR]
     python benchmarks/bench_flow_vs_ddpm.py --model teacher=CKPT --model student=CKPT@1,2 --dc-only   # distillation
 
-``NAME=CKPT@N,N`` gives one model its own NFE list; ``--dc-only`` skips the rows without k-space consistency.
+``NAME=CKPT@N,N`` gives one model its own NFE list; ``--extra NAME="ARGS"`` adds infer arguments to its rows
+(e.g. ``--grid trailing``); ``--dc-only`` skips the rows without k-space consistency.
 
 Train the checkpoints first, the same steps and seed (the config's DDPM predicts x0):
     medidiff fit --config configs/restoration/mni152_2d_kspace4x.yaml --trainer.max_steps 1200
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shlex
 from pathlib import Path
 
 from medidiff.results import Row, image_table, run_image_row
@@ -40,6 +42,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/flow_vs_ddpm"))
     parser.add_argument("--nfe", default="1,2,5,10")
     parser.add_argument("--dc-only", action="store_true", help="only the rows with k-space consistency")
+    parser.add_argument("--extra", action="append", default=[], metavar='NAME="ARGS"',
+                        help="more infer arguments for one model's rows")
     args = parser.parse_args()
     script = restoration_script()
     refs, inputs, mask = script.held_aside_cases(args.out)
@@ -47,13 +51,16 @@ def main() -> None:
     if args.unet:
         plan += [Row("unet_dc", inputs, args.unet, ["--mask", str(mask)]),
                  Row("unet", inputs, args.unet, ["--allow", "degradation"])]
+    extra = {name: shlex.split(value) for name, _, value in (e.partition("=") for e in args.extra)}
     for entry in args.model:
         name, _, ckpt_and_nfe = entry.partition("=")
         ckpt, _, nfe = ckpt_and_nfe.partition("@")
+        more = extra.get(name, [])
         for n in (nfe or args.nfe).split(","):
-            plan.append(Row(f"{name}_dc_nfe{n}", inputs, Path(ckpt), ["--steps", n, "--mask", str(mask)]))
+            plan.append(Row(f"{name}_dc_nfe{n}", inputs, Path(ckpt), ["--steps", n, *more, "--mask", str(mask)]))
             if not args.dc_only:
-                plan.append(Row(f"{name}_nfe{n}", inputs, Path(ckpt), ["--steps", n, "--allow", "degradation"]))
+                plan.append(Row(f"{name}_nfe{n}", inputs, Path(ckpt),
+                                ["--steps", n, *more, "--allow", "degradation"]))
     rows = [run_image_row("restoration", row, args.out, refs, script.DATA_RANGE) for row in plan]
     for r in rows:
         r["args"] = r["args"].replace(str(mask), "MASK")

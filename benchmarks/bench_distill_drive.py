@@ -1,0 +1,58 @@
+"""DRIVE segmentation: a distilled few-step student against its teacher at 1, 2, 5 and 10 NFE (and a UNet, for time
+per case), on the 20 test images — every row ``medidiff infer`` + ``medidiff evaluate``, timed, in one run.
+
+    python benchmarks/bench_distill_drive.py --teacher CKPT --student CKPT [--unet CKPT] [--out DIR]
+
+Train first (seed 0):
+    medidiff fit --config configs/segmentation/drive_2d.yaml             # the teacher
+    medidiff fit --config configs/segmentation/drive_2d_distill.yaml     # its 1-step student
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+from medidiff.checkpoint import read_checkpoint
+from medidiff.results import machine
+
+RESULTS = Path(__file__).resolve().parents[1] / "tasks" / "segmentation" / "drive_results.py"
+
+
+def drive_script():
+    spec = importlib.util.spec_from_file_location("drive_results", RESULTS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, required=True)
+    parser.add_argument("--student", type=Path, required=True)
+    parser.add_argument("--unet", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("runs/distill_drive"))
+    parser.add_argument("--teacher-nfe", default="1,2,5,10")
+    parser.add_argument("--student-nfe", default="1,2")
+    args = parser.parse_args()
+    script = drive_script()
+    full = {kind: script.DRIVE / kind for kind in ("images", "1st_manual", "mask")}
+    plan = [("unet", args.unet, [])] if args.unet else []
+    plan += [(f"teacher_nfe{n}", args.teacher, ["--steps", n]) for n in args.teacher_nfe.split(",")]
+    plan += [(f"student_nfe{n}", args.student, ["--steps", n]) for n in args.student_nfe.split(",")]
+    rows = [script.run_row(name, ckpt, args.out, full, infer_args) for name, ckpt, infer_args in plan]
+    steps = {"teacher": read_checkpoint(args.teacher)["global_step"],
+             "student": read_checkpoint(args.student)["global_step"]}
+    print(f"\ntraining steps: teacher {steps['teacher']}, student {steps['student']} (distillation)")
+    print("\n| row | infer arguments | n | vessel Dice (mean ± std) | HD95 px | infer time (20 images) | machine |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['row']} | `{r['args'] or '(checkpoint defaults)'}` | {r['n']} | {r['dice']:.3f} ± "
+              f"{r['dice_std']:.3f} | {r['hd95']:.1f} | {r['seconds']:.1f} s | {machine()} |")
+    (args.out / "rows.json").write_text(json.dumps({"training_steps": steps, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
