@@ -11,21 +11,11 @@ Train first (seed 0):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 
 from medidiff.checkpoint import read_checkpoint
-from medidiff.results import machine
-
-RESULTS = Path(__file__).resolve().parents[1] / "tasks" / "segmentation" / "drive_results.py"
-
-
-def drive_script():
-    spec = importlib.util.spec_from_file_location("drive_results", RESULTS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from medidiff.results import machine, task_script
 
 
 def main() -> None:
@@ -37,7 +27,7 @@ def main() -> None:
     parser.add_argument("--teacher-nfe", default="1,2,5,10")
     parser.add_argument("--student-nfe", default="1,2")
     args = parser.parse_args()
-    script = drive_script()
+    script = task_script("tasks/segmentation/drive_results.py")
     full = {kind: script.DRIVE / kind for kind in ("images", "1st_manual", "mask")}
     plan = [("unet", args.unet, [])] if args.unet else []
     plan += [(f"teacher_nfe{n}", args.teacher, ["--steps", n]) for n in args.teacher_nfe.split(",")]

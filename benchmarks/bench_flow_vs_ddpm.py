@@ -18,21 +18,11 @@ Train the checkpoints first, the same steps and seed (the config's DDPM predicts
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import shlex
 from pathlib import Path
 
-from medidiff.results import Row, image_table, run_image_row
-
-RESULTS = Path(__file__).resolve().parents[1] / "tasks" / "restoration" / "results.py"
-
-
-def restoration_script():
-    spec = importlib.util.spec_from_file_location("restoration_results", RESULTS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from medidiff.results import Row, image_table, run_image_row, task_script
 
 
 def main() -> None:
@@ -45,7 +35,7 @@ def main() -> None:
     parser.add_argument("--extra", action="append", default=[], metavar='NAME="ARGS"',
                         help="more infer arguments for one model's rows")
     args = parser.parse_args()
-    script = restoration_script()
+    script = task_script("tasks/restoration/results.py")
     refs, inputs, mask = script.held_aside_cases(args.out)
     plan = [Row("zero_filled", inputs, note="the input itself")]
     if args.unet:

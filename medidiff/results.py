@@ -29,6 +29,18 @@ class Row:
     note: str = ""
 
 
+def task_script(relative: str):
+    """A results script of the repository (e.g. ``tasks/restoration/results.py``) loaded as a module, so that a
+    benchmark uses its held-aside cases and row runner instead of copying them."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def machine() -> str:
     """The machine a figure was measured on, for every row of a table."""
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -280,9 +280,13 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         self.log(f"{stage}/loss", loss, batch_size=x0.shape[0], prog_bar=stage == "val")
         return loss
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        for teacher in self._teacher:  # not a submodule: Lightning does not move it with the student
+            teacher.to(self.device)
+
     def _distillation_loss(self, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Tensor:
-        teacher = self._teacher[0].to(self.device)
-        per_sample, index = distillation_loss(self, teacher, batch, generator)
+        per_sample, index = distillation_loss(self, self._teacher[0], batch, generator)
         loss = per_sample.mean()
         self.log(f"{stage}/distill_loss_step{index}", loss, batch_size=per_sample.shape[0])
         self.log(f"{stage}/loss", loss, batch_size=per_sample.shape[0], prog_bar=True)

@@ -1,7 +1,7 @@
 """Distillation of a trained diffusion model into a few-step student (progressive distillation, Salimans & Ho 2022).
 
 The student is the teacher's own module class and network, started from the teacher's weights and trained for the
-sampling grid it will be used on: ``steps`` levels of its ``grid`` (e.g. 2 steps, exponential). For each batch one
+sampling grid it will be used on: ``steps`` levels of its ``grid`` (e.g. 2 steps, trailing). For each batch one
 student step ``sigma -> sigma_next`` of that grid is drawn; the teacher solves the same interval with
 ``teacher_steps_per_step`` steps of ``teacher_sampler`` from ``x = x0 + sigma * noise``, and the student's single
 DDIM step must land where the teacher did. A DDIM step ``x_next = D + (x - D) * sigma_next / sigma`` lands at the
@@ -88,9 +88,10 @@ def distillation_loss(student: Any, teacher: Any, batch: dict[str, Any],
         solve = get_sampler(hp.teacher_sampler)
         x_teacher = solve(functools.partial(teacher.denoiser, **kwargs), x, grid.to(x.device), hook=hook)
         target = student_target(x, x_teacher, sigma, sigma_next)
-    estimate = student.denoiser(x, x.new_full((x.shape[0],), sigma), **kwargs)
+    sigma_batch = x.new_full((x.shape[0],), sigma)
+    estimate = student.denoiser(x, sigma_batch, **kwargs)
     if hook is not None:
-        estimate = hook(estimate, x.new_full((x.shape[0],), sigma), x)
+        estimate = hook(estimate, sigma_batch, x)
     return (estimate.float() - target.float()).pow(2).flatten(1).mean(1), index
 
 
