@@ -29,18 +29,20 @@ class UNetSegmenter(SegmentationOutputs, MedidiffModule, L.LightningModule):
         lr, weight_decay: AdamW, constant learning rate (as the baseline in BASELINES.md).
         roi_size: sliding-window size for whole-image inference (None: whole image in one pass).
         threshold: foreground probability threshold for binary tasks.
+        dice_weight: weight of the Dice term beside cross-entropy (MONAI ``DiceCELoss``); 0 trains on
+            cross-entropy alone, a proper scoring rule, so its probabilities are not pushed to 0 and 1.
     """
 
     task = "segmentation"
 
     def __init__(self, net: nn.Module, num_classes: int | None = 2, lr: float = 1e-3, weight_decay: float = 1e-4,
-                 roi_size: Sequence[int] | None = None, threshold: float = 0.5):
+                 roi_size: Sequence[int] | None = None, threshold: float = 0.5, dice_weight: float = 1.0):
         super().__init__()
         if num_classes is None:
             raise ValueError("num_classes is null: medidiff fit fills it from the data card; give a number here")
         self.save_hyperparameters(ignore=["net"])
         self.net = net
-        self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
+        self.loss = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=dice_weight)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(self.net(batch["image"].float()), batch["label"])
