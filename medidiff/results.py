@@ -141,12 +141,12 @@ def sampling_plan(label: str, ckpt: Path, steps: tuple[int, ...], ensembles: tup
                    for n in ensembles]
 
 
-def unet_and_residual_plan(unet: Path, predictor: Path | None, residuals: list[str], steps: tuple[int, ...],
+def unet_and_residual_plan(unet: Path | None, predictor: Path | None, residuals: list[str], steps: tuple[int, ...],
                            ensembles: tuple[int, ...], baselines: Sequence[tuple[str, Path, list[str]]] = ()
                            ) -> list[tuple[str, Path, list[str]]]:
-    """The UNet alone and with 4 flips, its step-k predictor checkpoint if given, further ``baselines``, then each
-    ``[LABEL=]CKPT`` residual model's :func:`sampling_plan`: the rows the uncertainty tables share."""
-    plan = [("unet", unet, []), ("unet_tta4", unet, ["--ensemble", "4"])]
+    """The UNet alone and with 4 flips, its step-k predictor checkpoint, further ``baselines`` (each if given),
+    then each ``[LABEL=]CKPT`` residual model's :func:`sampling_plan`: the rows the uncertainty tables share."""
+    plan = [("unet", unet, []), ("unet_tta4", unet, ["--ensemble", "4"])] if unet else []
     plan += [("predictor_unet", predictor, [])] if predictor else []
     plan += list(baselines)
     for label, ckpt in labelled_checkpoints(residuals, "residual"):

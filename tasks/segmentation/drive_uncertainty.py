@@ -2,7 +2,8 @@
 uncertainty baselines (softmax entropy, test-time flips, MC dropout), scored against both human observers.
 
     python tasks/segmentation/drive_uncertainty.py --unet CKPT --residual [LABEL=]CKPT [--residual ...]
-        [--predictor CKPT] [--mc-dropout CKPT] [--out runs/drive_uncertainty]
+        [--predictor CKPT] [--mc-dropout CKPT] [--ce-unet CKPT] [--out runs/drive_uncertainty]
+    python tasks/segmentation/drive_uncertainty.py --ce-unet CKPT --out DIR    # one baseline's rows alone
 
 Every row is ``medidiff infer`` + ``medidiff evaluate --uncertainty --rater <2nd observer>`` on the 20 test
 images inside the field-of-view mask (the commands a user runs; see tasks/segmentation/README.md for how the
@@ -28,16 +29,25 @@ DRIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "drive"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unet", type=Path, required=True)
-    parser.add_argument("--residual", action="append", required=True, metavar="[LABEL=]CKPT",
+    parser.add_argument("--unet", type=Path)
+    parser.add_argument("--residual", action="append", default=[], metavar="[LABEL=]CKPT",
                         help="a residual diffusion checkpoint; rows are named LABEL_nfe<N> (default label: residual)")
     parser.add_argument("--mc-dropout", type=Path)
     parser.add_argument("--predictor", type=Path, help="the residual model's stage-1 UNet, scored alone")
+    parser.add_argument("--ce-unet", type=Path, help="a UNet trained on cross-entropy alone (dice_weight 0): the "
+                        "calibration baseline, alone and with 4 flips")
     parser.add_argument("--out", type=Path, default=Path("runs/drive_uncertainty"))
     args = parser.parse_args()
-    dropout = [("mc_dropout_unet", args.mc_dropout, []), ("mc_dropout_unet_8", args.mc_dropout, ["--ensemble", "8"])]
+    if not (args.unet or args.residual or args.mc_dropout or args.ce_unet):
+        parser.error("give at least one checkpoint")
+    baselines = []
+    if args.mc_dropout:
+        baselines += [("mc_dropout_unet", args.mc_dropout, []),
+                      ("mc_dropout_unet_8", args.mc_dropout, ["--ensemble", "8"])]
+    if args.ce_unet:
+        baselines += [("unet_ce", args.ce_unet, []), ("unet_ce_tta4", args.ce_unet, ["--ensemble", "4"])]
     plan = unet_and_residual_plan(args.unet, args.predictor, args.residual, (1, 2, 5, 10), (1, 2),
-                                  baselines=dropout if args.mc_dropout else ())
+                                  baselines=baselines)
     rows = run_uncertainty_rows(plan, DRIVE / "images", DRIVE / "1st_manual", args.out, "drive",
                                 region=DRIVE / "mask", raters=(DRIVE / "2nd_manual",))
     observer = {"row": "2nd_observer", "args": "", "seconds": 0.0,
