@@ -13,7 +13,7 @@ from medidiff.core.analytic import Gaussian
 from medidiff.core.samplers import sample_ddim, sample_heun
 from medidiff.data.degrade import degrade_with_extras
 from medidiff.errors import MedidiffError
-from medidiff.lit import RestorationDiffusion, SuperResDiffusion
+from medidiff.lit import RestorationDiffusion, SegmentationDiffusion, SuperResDiffusion
 from medidiff.lit.distill import distillation_loss, student_target, teacher_grid
 from medidiff.nets import ConditionalUNet
 
@@ -94,8 +94,8 @@ def test_a_student_that_copies_a_one_step_teacher_has_zero_loss_and_more_steps_t
         student = RestorationDiffusion(net=_net(), prediction_type="sample", teacher_ckpt=str(path), steps=2,
                                        teacher_steps_per_step=teacher_steps, teacher_sampler="ddim")
         for seed in range(3):  # both student steps get drawn
-            loss, index = distillation_loss(student, student._teacher[0], batch, torch.Generator().manual_seed(seed))
-            losses.setdefault(teacher_steps, []).append(float(loss.detach().mean()))
+            step = distillation_loss(student, student._teacher[0], batch, torch.Generator().manual_seed(seed))
+            losses.setdefault(teacher_steps, []).append(float(step.per_sample.detach().mean()))
     assert max(losses[1]) < 1e-10
     assert min(losses[2]) > 1e-6
 
@@ -103,8 +103,8 @@ def test_a_student_that_copies_a_one_step_teacher_has_zero_loss_and_more_steps_t
 def test_distillation_gradient_reaches_the_student_only(tmp_path):
     path, _ = _teacher_file(tmp_path)
     student = RestorationDiffusion(net=_net(), prediction_type="sample", teacher_ckpt=str(path), steps=2)
-    loss, _ = distillation_loss(student, student._teacher[0], _kspace_batch(), torch.Generator().manual_seed(0))
-    loss.mean().backward()
+    step = distillation_loss(student, student._teacher[0], _kspace_batch(), torch.Generator().manual_seed(0))
+    step.per_sample.mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.net.parameters())
     assert all(p.grad is None for p in student._teacher[0].parameters())
 
@@ -140,3 +140,26 @@ def test_a_teacher_of_another_kind_is_refused_naming_the_file(tmp_path, student_
     with pytest.raises(MedidiffError, match=message) as caught:
         cls(net=_net(channels), teacher_ckpt=str(path), **options)
     assert str(path) in str(caught.value)
+
+
+def test_the_task_loss_is_added_to_the_distillation_loss_only_when_asked(tmp_path):
+    """``distill_task_loss``: the segmentation student's loss is its distillation error plus exactly its Dice term
+    on the same estimate against the truth; without the flag, the distillation error alone."""
+    torch.manual_seed(0)
+    teacher = SegmentationDiffusion(net=ConditionalUNet(2, 1, 1, channels=(8, 16), norm_num_groups=4),
+                                    prediction_type="sample", dice_weight=0.7)
+    path = export(teacher, {"card": "sample_mni"}, tmp_path / "teacher.ckpt", half=False)
+    label = (torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1)) > 0.5).long()
+    batch = {"image": torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(2)), "label": label}
+    losses = {}
+    for flag in (False, True):
+        student = SegmentationDiffusion(net=ConditionalUNet(2, 1, 1, channels=(8, 16), norm_num_groups=4),
+                                        prediction_type="sample", dice_weight=0.7, teacher_ckpt=str(path), steps=1,
+                                        distill_task_loss=flag)
+        student.log = lambda *args, **kwargs: None
+        step = distillation_loss(student, student._teacher[0], batch, torch.Generator().manual_seed(0))
+        dice = student.extra_loss(step.estimate, step.x0, batch)
+        losses[flag] = float(student._distillation_loss(batch, "train", torch.Generator().manual_seed(0)))
+    assert losses[False] == pytest.approx(float(step.per_sample.mean()), rel=1e-6)
+    assert losses[True] == pytest.approx(float(step.per_sample.mean() + dice), rel=1e-6)
+    assert float(dice) > 0.01

@@ -114,6 +114,8 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         teacher_hook: apply the task's measurement hook (data consistency) to the teacher's steps and to the
             student's estimate while distilling, as sampling will.
         teacher_source: where the teacher came from (recorded; set from ``teacher_ckpt``).
+        distill_task_loss: while distilling, add the task's own loss on the student's estimate against the truth
+            (segmentation: the Dice term, ``dice_weight``), so the student may improve on what it imitates.
     """
 
     task: str = "base"
@@ -151,6 +153,7 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         teacher_sampler: str = "dpmpp_2m",
         teacher_hook: bool = True,
         teacher_source: str | None = None,
+        distill_task_loss: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -286,10 +289,15 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
             teacher.to(self.device)
 
     def _distillation_loss(self, batch: dict[str, Any], stage: str, generator: torch.Generator | None) -> Tensor:
-        per_sample, index = distillation_loss(self, self._teacher[0], batch, generator)
-        loss = per_sample.mean()
-        self.log(f"{stage}/distill_loss_step{index}", loss, batch_size=per_sample.shape[0])
-        self.log(f"{stage}/loss", loss, batch_size=per_sample.shape[0], prog_bar=True)
+        step = distillation_loss(self, self._teacher[0], batch, generator)
+        batch_size = step.per_sample.shape[0]
+        loss = step.per_sample.mean()
+        self.log(f"{stage}/distill_loss_step{step.index}", loss, batch_size=batch_size)
+        extra = self.extra_loss(step.estimate, step.x0, batch) if self.hparams.distill_task_loss else None
+        if extra is not None:
+            self.log(f"{stage}/extra_loss", extra, batch_size=batch_size)
+            loss = loss + extra
+        self.log(f"{stage}/loss", loss, batch_size=batch_size, prog_bar=True)
         return loss
 
     def draw_timesteps(self, batch: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:

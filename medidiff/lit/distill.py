@@ -20,7 +20,7 @@ teacher is read weights-only and is not stored: a student checkpoint is an ordin
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -70,10 +70,17 @@ def student_target(x: Tensor, x_teacher: Tensor, sigma: float, sigma_next: float
     return (x_teacher - ratio * x) / (1 - ratio)
 
 
+class DistillationStep(NamedTuple):
+    per_sample: Tensor  # (B,) the student's x0 error against its target
+    index: int  # which student step was drawn
+    estimate: Tensor  # the student's x0 estimate (after the measurement hook), for a task loss against the truth
+    x0: Tensor  # the truth in the diffused space
+
+
 def distillation_loss(student: Any, teacher: Any, batch: dict[str, Any],
-                      generator: torch.Generator | None = None) -> tuple[Tensor, int]:
-    """``(loss per sample (B,), student step index)`` for one batch: the student's x0 error against the target
-    that makes its one step equal the teacher's ``teacher_steps_per_step`` steps."""
+                      generator: torch.Generator | None = None) -> DistillationStep:
+    """One batch: the student's x0 error against the target that makes its one step equal the teacher's
+    ``teacher_steps_per_step`` steps."""
     hp = student.hparams
     x0, cond = student.target_and_condition(batch)
     kwargs = {} if cond is None else {"cond": student._layout(cond)}
@@ -92,7 +99,8 @@ def distillation_loss(student: Any, teacher: Any, batch: dict[str, Any],
     estimate = student.denoiser(x, sigma_batch, **kwargs)
     if hook is not None:
         estimate = hook(estimate, sigma_batch, x)
-    return (estimate.float() - target.float()).pow(2).flatten(1).mean(1), index
+    per_sample = (estimate.float() - target.float()).pow(2).flatten(1).mean(1)
+    return DistillationStep(per_sample, index, estimate, student._layout(x0))
 
 
 def check_distillation_settings(teacher_steps_per_step: int, teacher_sampler: str) -> None:
