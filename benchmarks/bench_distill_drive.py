@@ -1,7 +1,8 @@
 """DRIVE segmentation: a distilled few-step student against its teacher at 1, 2, 5 and 10 NFE (and a UNet, for time
 per case), on the 20 test images — every row ``medidiff infer`` + ``medidiff evaluate``, timed, in one run.
 
-    python benchmarks/bench_distill_drive.py --teacher CKPT --student CKPT [--unet CKPT] [--out DIR]
+    python benchmarks/bench_distill_drive.py --teacher CKPT --student [LABEL=]CKPT [--student ...] [--unet CKPT]
+        [--out DIR]
 
 Train first (seed 0):
     medidiff fit --config configs/segmentation/drive_2d.yaml             # the teacher
@@ -15,13 +16,14 @@ import json
 from pathlib import Path
 
 from medidiff.checkpoint import read_checkpoint
-from medidiff.results import machine, task_script
+from medidiff.results import labelled_checkpoints, machine, task_script
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, required=True)
-    parser.add_argument("--student", type=Path, required=True)
+    parser.add_argument("--student", action="append", required=True, metavar="[LABEL=]CKPT",
+                        help="a student checkpoint; rows LABEL_nfe<N> (default label: student)")
     parser.add_argument("--unet", type=Path)
     parser.add_argument("--out", type=Path, default=Path("runs/distill_drive"))
     parser.add_argument("--teacher-nfe", default="1,2,5,10")
@@ -31,11 +33,11 @@ def main() -> None:
     full = {kind: script.DRIVE / kind for kind in ("images", "1st_manual", "mask")}
     plan = [("unet", args.unet, [])] if args.unet else []
     plan += [(f"teacher_nfe{n}", args.teacher, ["--steps", n]) for n in args.teacher_nfe.split(",")]
-    plan += [(f"student_nfe{n}", args.student, ["--steps", n]) for n in args.student_nfe.split(",")]
+    students = labelled_checkpoints(args.student, "student")
+    plan += [(f"{label}_nfe{n}", ckpt, ["--steps", n]) for label, ckpt in students for n in args.student_nfe.split(",")]
     rows = [script.run_row(name, ckpt, args.out, full, infer_args) for name, ckpt, infer_args in plan]
-    steps = {"teacher": read_checkpoint(args.teacher)["global_step"],
-             "student": read_checkpoint(args.student)["global_step"]}
-    print(f"\ntraining steps: teacher {steps['teacher']}, student {steps['student']} (distillation)")
+    steps = {label: read_checkpoint(ckpt)["global_step"] for label, ckpt in [("teacher", args.teacher), *students]}
+    print(f"\ntraining steps (students: distillation steps): {steps}")
     print("\n| row | infer arguments | n | vessel Dice (mean ± std) | HD95 px | infer time (20 images) | machine |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
