@@ -216,7 +216,7 @@ def run_demo(out: str | Path, *, steps: int = 10, ensemble: int = 3, only: list[
         rows.append(row)
     total = time.perf_counter() - started
     report = out / "report.md"
-    report.write_text(_report_text(rows, total, steps))
+    report.write_text(_report_text(rows, total, steps), encoding="utf-8")
     log(f"[demo] finished in {total:.0f} s; report: {report}")
     return report
 

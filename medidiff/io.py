@@ -585,7 +585,7 @@ def write_json(path: str | os.PathLike, content: Any) -> Path:
     import json
 
     text = json.dumps(_strict_json(content), indent=1, allow_nan=False) + "\n"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _strict_json(obj: Any) -> Any:

@@ -23,8 +23,8 @@ def _card_needs_shared(config: Path) -> bool:
 
     from medidiff.data.cards import _find_card
 
-    card = yaml.safe_load(config.read_text())["data"]["card"]
-    return "${shared}" in _find_card(card).read_text()
+    card = yaml.safe_load(config.read_text(encoding="utf-8"))["data"]["card"]
+    return "${shared}" in _find_card(card).read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(REPO / "configs")) for c in CONFIGS])
@@ -33,7 +33,8 @@ def test_every_config_runs_a_fast_dev_run(config, tmp_path):
         pytest.skip("needs ../shared/data")
     common = ["--data.limit_cases", "1", "--data.cache", "false", "--trainer.enable_progress_bar", "false"]
     extra = []
-    if "teacher_ckpt:" in config.read_text():  # a distillation config: train its teacher for one step first
+    text = config.read_text(encoding="utf-8")
+    if "teacher_ckpt:" in text:  # a distillation config: train its teacher for one step first
         assert main(["fit", "--config", str(config), "--model.init_args.teacher_ckpt", "null", "--trainer.max_steps",
                      "1", "--trainer.limit_val_batches", "0", "--trainer.max_time", "null",
                      "--trainer.default_root_dir", str(tmp_path / "teacher"), *common]) == 0
