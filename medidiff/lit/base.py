@@ -116,6 +116,7 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         teacher_source: where the teacher came from (recorded; set from ``teacher_ckpt``).
         distill_task_loss: while distilling, add the task's own loss on the student's estimate against the truth
             (segmentation: the Dice term, ``dice_weight``), so the student may improve on what it imitates.
+            Tasks without a loss of their own beside the diffusion one (restoration, super-resolution) add nothing.
     """
 
     task: str = "base"
