@@ -11,33 +11,21 @@ Train first (seed 0):
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
-from medidiff.checkpoint import read_checkpoint
-from medidiff.results import labelled_checkpoints, machine, task_script
+from medidiff.results import distillation_arguments, machine, task_script, training_steps
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, required=True)
-    parser.add_argument("--student", action="append", required=True, metavar="[LABEL=]CKPT",
-                        help="a student checkpoint; rows LABEL_nfe<N> (default label: student)")
-    parser.add_argument("--unet", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("runs/distill_drive"))
-    parser.add_argument("--teacher-nfe", default="1,2,5,10")
-    parser.add_argument("--student-nfe", default="1,2")
-    args = parser.parse_args()
+    args = distillation_arguments(__doc__, "runs/distill_drive")
     script = task_script("tasks/segmentation/drive_results.py")
     full = {kind: script.DRIVE / kind for kind in ("images", "1st_manual", "mask")}
     plan = [("unet", args.unet, [])] if args.unet else []
     plan += [(f"teacher_nfe{n}", args.teacher, ["--steps", n]) for n in args.teacher_nfe.split(",")]
-    students = labelled_checkpoints(args.student, "student")
-    plan += [(f"{label}_nfe{n}", ckpt, ["--steps", n]) for label, ckpt in students for n in args.student_nfe.split(",")]
+    plan += [(f"{label}_nfe{n}", ckpt, ["--steps", n]) for label, ckpt in args.students
+             for n in args.student_nfe.split(",")]
     rows = [script.run_row(name, ckpt, args.out, full, infer_args) for name, ckpt, infer_args in plan]
-    steps = {label: read_checkpoint(ckpt)["global_step"] for label, ckpt in [("teacher", args.teacher), *students]}
-    print(f"\ntraining steps (students: distillation steps): {steps}")
+    steps = training_steps(args)
     print("\n| row | infer arguments | n | vessel Dice (mean ± std) | HD95 px | infer time (20 images) | machine |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

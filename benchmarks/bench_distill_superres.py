@@ -2,7 +2,8 @@
 with cubic interpolation + consistency and, for time per case, the regression UNet, on the held-aside slab of
 ``tasks/superres/results.py`` — every row ``medidiff infer`` + ``medidiff evaluate``, timed, in one run.
 
-    python benchmarks/bench_distill_superres.py --teacher CKPT --student CKPT [--unet CKPT] [--out DIR]
+    python benchmarks/bench_distill_superres.py --teacher CKPT --student [LABEL=]CKPT [--student ...]
+        [--unet CKPT] [--out DIR]
 
 Train first (seed 0):
     medidiff fit --config configs/superres/mni152_3d_x4.yaml             # the teacher
@@ -11,23 +12,13 @@ Train first (seed 0):
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
-from medidiff.checkpoint import read_checkpoint
-from medidiff.results import Row, image_table, run_image_row, task_script
+from medidiff.results import Row, distillation_arguments, image_table, run_image_row, task_script, training_steps
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", type=Path, required=True)
-    parser.add_argument("--student", type=Path, required=True)
-    parser.add_argument("--unet", type=Path)
-    parser.add_argument("--out", type=Path, default=Path("runs/distill_superres"))
-    parser.add_argument("--teacher-nfe", default="1,2,5,10")
-    parser.add_argument("--student-nfe", default="1,2")
-    args = parser.parse_args()
+    args = distillation_arguments(__doc__, "runs/distill_superres")
     script = task_script("tasks/superres/results.py")
     refs, inputs, baselines = script.held_aside_case(args.out)
     plan = [Row("cubic_dc", baselines["cubic_dc"], note="cubic + DC interpolation")]
@@ -35,11 +26,10 @@ def main() -> None:
     plan += [Row(f"teacher_nfe{n}", inputs, args.teacher, ["--steps", n]) for n in args.teacher_nfe.split(",")]
     # the student's own grid at the teacher: what distillation adds beyond choosing a better 2-step grid
     plan += [Row("teacher_trailing_nfe2", inputs, args.teacher, ["--steps", "2", "--grid", "trailing"])]
-    plan += [Row(f"student_nfe{n}", inputs, args.student, ["--steps", n]) for n in args.student_nfe.split(",")]
+    plan += [Row(f"{label}_nfe{n}", inputs, ckpt, ["--steps", n]) for label, ckpt in args.students
+             for n in args.student_nfe.split(",")]
     rows = [run_image_row("superres", row, args.out, refs, script.DATA_RANGE) for row in plan]
-    steps = {name: read_checkpoint(path)["global_step"] for name, path in
-             (("teacher", args.teacher), ("student", args.student))}
-    print(f"\ntraining steps: teacher {steps['teacher']}, student {steps['student']} (distillation)")
+    steps = training_steps(args)
     print("\n" + image_table(rows))
     (args.out / "rows.json").write_text(json.dumps({"training_steps": steps, "rows": rows}, indent=1))
 

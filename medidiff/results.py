@@ -6,6 +6,7 @@ user runs. A row whose predictions are complete is not inferred again (re-runnin
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 from dataclasses import dataclass, field
@@ -39,6 +40,32 @@ def task_script(relative: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def distillation_arguments(doc: str, default_out: str) -> argparse.Namespace:
+    """The command line of the distillation benchmarks: ``--teacher CKPT --student [LABEL=]CKPT [--student ...]
+    [--unet CKPT] [--out DIR] [--teacher-nfe N,N] [--student-nfe N,N]``; ``students`` holds ``(label, path)``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, required=True)
+    parser.add_argument("--student", action="append", required=True, metavar="[LABEL=]CKPT",
+                        help="a student checkpoint; rows LABEL_nfe<N> (default label: student)")
+    parser.add_argument("--unet", type=Path, help="the task's regression UNet, for time per case")
+    parser.add_argument("--out", type=Path, default=Path(default_out))
+    parser.add_argument("--teacher-nfe", default="1,2,5,10")
+    parser.add_argument("--student-nfe", default="1,2")
+    args = parser.parse_args()
+    args.students = labelled_checkpoints(args.student, "student")
+    return args
+
+
+def training_steps(args: argparse.Namespace) -> dict[str, int]:
+    """Training steps of the teacher and of each student (distillation steps), read from the checkpoints."""
+    from medidiff.checkpoint import read_checkpoint
+
+    checkpoints = [("teacher", args.teacher), *args.students]
+    steps = {label: read_checkpoint(ckpt)["global_step"] for label, ckpt in checkpoints}
+    print(f"\ntraining steps (students: distillation steps): {steps}")
+    return steps
 
 
 def machine() -> str:

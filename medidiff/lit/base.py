@@ -277,12 +277,17 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         per_sample, x0_hat = self.denoiser.loss(self._layout(x0), t=t, generator=generator, source=source, **kwargs)
         loss = per_sample.mean()
         self.log(f"{stage}/diffusion_loss", loss, batch_size=x0.shape[0], prog_bar=stage == "train")
-        extra = self.extra_loss(x0_hat, x0, batch)
-        if extra is not None:
-            self.log(f"{stage}/extra_loss", extra, batch_size=x0.shape[0])
-            loss = loss + extra
+        loss = self._plus_extra_loss(loss, x0_hat, x0, batch, stage)
         self.log(f"{stage}/loss", loss, batch_size=x0.shape[0], prog_bar=stage == "val")
         return loss
+
+    def _plus_extra_loss(self, loss: Tensor, x0_hat: Tensor, x0: Tensor, batch: dict[str, Any], stage: str) -> Tensor:
+        """``loss`` plus the task's :meth:`extra_loss` on the estimate ``x0_hat`` (logged), if the task has one."""
+        extra = self.extra_loss(x0_hat, x0, batch)
+        if extra is None:
+            return loss
+        self.log(f"{stage}/extra_loss", extra, batch_size=x0.shape[0])
+        return loss + extra
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -294,10 +299,8 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         batch_size = step.per_sample.shape[0]
         loss = step.per_sample.mean()
         self.log(f"{stage}/distill_loss_step{step.index}", loss, batch_size=batch_size)
-        extra = self.extra_loss(step.estimate, step.x0, batch) if self.hparams.distill_task_loss else None
-        if extra is not None:
-            self.log(f"{stage}/extra_loss", extra, batch_size=batch_size)
-            loss = loss + extra
+        if self.hparams.distill_task_loss:
+            loss = self._plus_extra_loss(loss, step.estimate, step.x0, batch, stage)
         self.log(f"{stage}/loss", loss, batch_size=batch_size, prog_bar=True)
         return loss
 
