@@ -13,6 +13,20 @@ CLASSICAL_METHODS = ("average", "max_abs", "laplacian")
 ALLOW = ("intensity", "clipping", "modality", "degradation")
 
 
+GRID_NAMES = ("karras", "exponential", "trailing", "leading", "linspace")
+
+
+def _grid(text: str) -> str | list[float]:
+    """``--grid``: a named spacing, or comma-separated noise levels."""
+    if text in GRID_NAMES:
+        return text
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a grid name ({', '.join(GRID_NAMES)}) nor "
+                                         "comma-separated noise levels") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medidiff", description="Conditional diffusion for medical imaging. "
                                      "Training: medidiff fit|validate|test|predict --config CONFIG.yaml")
@@ -31,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--sampler", default=None, help="sampler name (default: the checkpoint's)")
     infer.add_argument("--steps", type=int, default=None,
                        help="sampler steps (default: the checkpoint's, the count that scored best on validation)")
-    infer.add_argument("--grid", default=None, choices=("karras", "exponential", "trailing", "leading", "linspace"))
+    infer.add_argument("--grid", default=None, type=_grid, metavar="NAME|SIGMA,SIGMA,...",
+                       help="sigma grid: karras, exponential, trailing, leading, linspace, or the noise levels "
+                            "themselves, high to low (e.g. 1000,0.3: 2 steps); default: the checkpoint's")
     infer.add_argument("--ensemble", type=int, default=1, help="samples per case, drawn as one batch")
     infer.add_argument("--fusion", default="mean", choices=("mean", "vote", "staple"),
                        help="how ensemble members become one label map")

@@ -163,3 +163,44 @@ def test_the_task_loss_is_added_to_the_distillation_loss_only_when_asked(tmp_pat
     assert losses[False] == pytest.approx(float(step.per_sample.mean()), rel=1e-6)
     assert losses[True] == pytest.approx(float(step.per_sample.mean() + dice), rel=1e-6)
     assert float(dice) > 0.01
+
+
+def test_a_student_on_an_explicit_grid_distils_and_samples_on_those_levels(tmp_path):
+    """``grid: [sigma_max, 0.3]``: the student's steps are drawn from those levels, its checkpoint samples on them
+    by default, explicit levels given alone set the step count, and a step count they do not have is refused
+    naming the file."""
+    from medidiff.inference.tasks import from_checkpoint
+
+    path, teacher = _teacher_file(tmp_path)
+    levels = [teacher.denoiser.sigma_max, 0.3]
+    student = RestorationDiffusion(net=_net(), prediction_type="sample", teacher_ckpt=str(path), steps=2,
+                                   grid=levels)
+    drawn = []
+    student._teacher[0].denoiser.forward = _recording(student._teacher[0].denoiser.forward, drawn)
+    for seed in range(4):
+        distillation_loss(student, student._teacher[0], _kspace_batch(), torch.Generator().manual_seed(seed))
+    assert {round(s, 4) for s in drawn} >= {round(levels[0], 4), 0.3}
+    saved = export(student, {"card": "sample_mni"}, tmp_path / "student.ckpt", half=False)
+    assert from_checkpoint("restoration", saved).options.grid == levels
+    other = from_checkpoint("restoration", saved, grid=[levels[0], 1.0, 0.1])
+    assert other.options.steps == 3
+    with pytest.raises(MedidiffError, match="give --grid and --steps that agree") as caught:
+        from_checkpoint("restoration", saved, steps=1)
+    assert str(saved) in str(caught.value)
+
+
+def _recording(forward, drawn):
+    def record(x, sigma, **kwargs):
+        drawn.append(float(sigma.flatten()[0]))
+        return forward(x, sigma, **kwargs)
+    return record
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"grid": [1.0, 0.3], "steps": 3}, "2 steps, not 3"),
+    ({"grid": [1.0, 0.3], "steps": 2, "val_steps": [1, 2]}, "2 steps, not 1"),
+    ({"grid": [1e6, 0.3], "steps": 2}, "outside the trained range"),
+])
+def test_an_explicit_grid_that_cannot_be_sampled_is_refused_at_construction(options, message):
+    with pytest.raises(ValueError, match=message):
+        RestorationDiffusion(net=_net(), **options)

@@ -86,3 +86,23 @@ def test_restoration_infer_refuses_an_all_zero_mask_and_writes_nothing(tmp_path,
     assert code == 2
     assert "samples nothing" in capsys.readouterr().err
     assert not any(p.is_file() for p in out.rglob("*"))
+
+
+@pytest.mark.parametrize("grid, message", [("1000,0.3", "cannot sample on the grid"),
+                                           ("sideways", "neither a grid name")])
+def test_infer_grid_levels_are_checked_against_the_model_before_anything_is_written(tmp_path, capsys, grid, message):
+    """``--grid`` takes a name or the noise levels; levels beyond the shipped model's trained range are refused
+    with the checkpoint named, before any output exists."""
+    from medidiff.cli import main
+    from medidiff.demo import SAMPLES, WEIGHTS
+
+    out = tmp_path / "out"
+    try:
+        code = main(["infer", "--task", "restoration", "--ckpt", str(WEIGHTS / "restoration_mni_2d.ckpt"), "--input",
+                     str(SAMPLES / "mni152" / "t1_2mm.nii.gz"), "--grid", grid, "--output", str(out)])
+    except SystemExit as exit_:  # argparse refuses a malformed value itself
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and ("restoration_mni_2d.ckpt" in err or "--grid" in err)
+    assert not any(p.is_file() for p in out.rglob("*"))

@@ -7,6 +7,7 @@ from monai.networks.schedulers import DDIMScheduler
 from medidiff.core.schedules import (
     alphas_cumprod,
     beta_schedule,
+    explicit_sigmas,
     exponential_sigmas,
     karras_sigmas,
     sigmas_from_alphas_cumprod,
@@ -63,3 +64,24 @@ def test_timestep_spacings():
     assert torch.equal(timestep_sigmas(train, 10, "linspace")[:-1], train[scheduler.timesteps])
     with pytest.raises(ValueError, match="1000"):
         timestep_sigmas(train, 1001)
+
+
+def test_explicit_grid_is_the_levels_then_zero_with_or_without_the_final_zero():
+    for levels in ([80.0, 0.3], [80.0, 0.3, 0.0]):
+        sigmas = explicit_sigmas(levels, 2, 0.002, 80.0)
+        assert sigmas.dtype == torch.float64 and sigmas.tolist() == [80.0, 0.3, 0.0]
+    assert explicit_sigmas([1.0], None, 0.002, 80.0).tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("levels, steps, message", [
+    ([80.0, 0.3], 3, "2 steps, not 3"),
+    ([0.3, 80.0], None, "strictly decreasing"),
+    ([80.0, 80.0], None, "strictly decreasing"),
+    ([float("nan"), 1.0], None, "finite"),
+    ([100.0, 1.0], None, "outside the trained range"),
+    ([80.0, 0.001], None, "outside the trained range"),
+    ([0.0], None, "at least one"),
+])
+def test_explicit_grid_refuses_what_a_sampler_cannot_walk(levels, steps, message):
+    with pytest.raises(ValueError, match=message):
+        explicit_sigmas(levels, steps, 0.002, 80.0)

@@ -20,13 +20,14 @@ v           1 / (1 + sigma²)  -sigma / sqrt(1 + sigma²)
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 from torch import Tensor, nn
 
 from medidiff.core.schedules import (
     alphas_cumprod,
+    explicit_sigmas,
     exponential_sigmas,
     karras_sigmas,
     sigmas_from_alphas_cumprod,
@@ -36,6 +37,8 @@ from medidiff.core.schedules import (
 PredictionType = Literal["epsilon", "sample", "v"]
 LossWeighting = Literal["uniform", "min_snr"]
 SigmaGrid = Literal["karras", "exponential", "trailing", "leading", "linspace"]
+# a named grid, or the noise levels themselves (medidiff.core.schedules.explicit_sigmas)
+GridSpec = Union[SigmaGrid, list[float]]
 
 
 def append_dims(x: Tensor, ndim: int) -> Tensor:
@@ -208,9 +211,12 @@ class DiscreteDenoiser(nn.Module):
         clipped = snr.clamp(max=self.min_snr_gamma)
         return {"epsilon": clipped / snr, "sample": clipped, "v": clipped / (snr + 1)}[self.prediction_type]
 
-    def get_sigmas(self, steps: int, grid: SigmaGrid = "karras", rho: float = 7.0) -> Tensor:
-        """A sampling grid of ``steps`` noise levels within the trained range, then 0; shape ``(steps + 1,)``."""
-        if grid == "karras":
+    def get_sigmas(self, steps: int, grid: GridSpec = "karras", rho: float = 7.0) -> Tensor:
+        """A sampling grid of ``steps`` noise levels within the trained range, then 0; shape ``(steps + 1,)``.
+        ``grid`` names a spacing or lists the levels (then it must have ``steps`` of them)."""
+        if not isinstance(grid, str):
+            sigmas = explicit_sigmas(grid, steps, self.sigma_min, self.sigma_max)
+        elif grid == "karras":
             sigmas = karras_sigmas(steps, self.sigma_min, self.sigma_max, rho)
         elif grid == "exponential":
             sigmas = exponential_sigmas(steps, self.sigma_min, self.sigma_max)

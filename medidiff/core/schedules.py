@@ -10,6 +10,7 @@ decreasing and end in 0.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -114,6 +115,33 @@ def exponential_sigmas(n: int, sigma_min: float, sigma_max: float) -> Tensor:
     _check_range(n, sigma_min, sigma_max)
     log_sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64)
     return append_zero(log_sigmas.exp())
+
+
+def explicit_sigmas(levels: Sequence[float], steps: int | None, sigma_min: float, sigma_max: float) -> Tensor:
+    """A grid given level by level (k-diffusion's ``sigmas``), e.g. a distilled student's ``[sigma_max, 0.3]``.
+
+    Args:
+        levels: the noise levels of the steps, decreasing, each within the trained range; a final 0 may be given.
+        steps: the step count it must have (None: any).
+
+    Returns:
+        shape ``(steps + 1,)``: the levels, then 0.
+    """
+    values = [float(v) for v in levels]
+    if values and values[-1] == 0:
+        values = values[:-1]
+    if not values:
+        raise ValueError("an explicit sigma grid needs at least one noise level above 0")
+    if steps is not None and steps != len(values):
+        raise ValueError(f"the sigma grid {values} has {len(values)} steps, not {steps}")
+    if any(not math.isfinite(v) for v in values) or any(a <= b for a, b in zip(values, values[1:])):
+        raise ValueError(f"the levels of a sigma grid must be finite and strictly decreasing, got {values}")
+    # a float32 copy of the trained range rounds its ends: allow that much
+    low, high = sigma_min * (1 - 1e-5), sigma_max * (1 + 1e-5)
+    outside = [v for v in values if not low <= v <= high]
+    if outside:
+        raise ValueError(f"sigma levels {outside} lie outside the trained range [{sigma_min:.4g}, {sigma_max:.4g}]")
+    return append_zero(torch.tensor(values, dtype=torch.float64))
 
 
 def timestep_sigmas(train_sigmas: Tensor, n: int, spacing: TimestepSpacing = "trailing") -> Tensor:

@@ -36,7 +36,7 @@ class SamplingOptions:
 
     sampler: str = "dpmpp_2m"
     steps: int = 10
-    grid: str = "exponential"
+    grid: str | list[float] = "exponential"  # a named spacing or the noise levels themselves
     ensemble: int = 1
     seed: int = 0
     fusion: str = "mean"  # segmentation ensembles: mean | vote | staple
@@ -350,7 +350,7 @@ def fusion_contract(module: Any = None) -> dict[str, Any]:
             "card": {"name": "none (classical fusion)", "description": "", "modality": ""}}
 
 
-def _check_sampling(options: SamplingOptions, checkpoint: str | Path) -> None:
+def _check_sampling(options: SamplingOptions, module: Any, checkpoint: str | Path) -> None:
     """Sampler settings taken from a checkpoint are as untrusted as the file."""
     from typing import get_args
 
@@ -362,13 +362,30 @@ def _check_sampling(options: SamplingOptions, checkpoint: str | Path) -> None:
     if isinstance(options.steps, bool) or not isinstance(options.steps, int) or options.steps < 1:
         raise MedidiffError(f"sets sampler steps to {options.steps!r}; give a number of steps with --steps",
                             checkpoint)
-    if options.grid not in get_args(SigmaGrid):
-        raise MedidiffError(f"names an unknown sigma grid {options.grid!r}; give one with --grid", checkpoint)
+    if isinstance(options.grid, str):
+        if options.grid not in get_args(SigmaGrid):
+            raise MedidiffError(f"names an unknown sigma grid {options.grid!r}; give one with --grid", checkpoint)
+        return
+    try:
+        levels = [float(v) for v in options.grid]
+        module.denoiser.get_sigmas(options.steps, levels)
+    except (TypeError, ValueError) as error:
+        raise MedidiffError(f"cannot sample on the grid {options.grid!r} with {options.steps} steps ({error}); "
+                            "give --grid and --steps that agree", checkpoint) from None
+    options.grid = levels
+
+
+def _steps_and_grid(steps: int | None, grid: str | list[float] | None, chosen: dict[str, Any]) -> tuple[Any, Any]:
+    """Steps and grid of a run, each the checkpoint's unless given; explicit levels given alone set the steps."""
+    if grid is not None and not isinstance(grid, str) and steps is None:
+        steps = len([v for v in grid if v != 0])
+    return steps or chosen["steps"], grid or chosen["grid"]
 
 
 def from_checkpoint(task: str, checkpoint: str | Path | None, *, device: str = "cpu", sampler: str | None = None,
-                    steps: int | None = None, grid: str | None = None, ensemble: int = 1, seed: int = 0,
-                    fusion: str = "mean", consistency: bool = True, **task_options: Any) -> TaskAdapter:
+                    steps: int | None = None, grid: str | list[float] | None = None, ensemble: int = 1,
+                    seed: int = 0, fusion: str = "mean", consistency: bool = True,
+                    **task_options: Any) -> TaskAdapter:
     """Load a checkpoint (weights only) onto ``device`` and build its task adapter; sampler settings not given
     are the contract's (the step count that scored best on validation, else the training config's)."""
     from medidiff.checkpoint import load_module
@@ -383,7 +400,8 @@ def from_checkpoint(task: str, checkpoint: str | Path | None, *, device: str = "
     if not consistency:
         module.hparams.consistency = False
     chosen = {**SamplingOptions().sampling(), **(module.contract.get("sampling") or {})}
-    options = SamplingOptions(sampler=sampler or chosen["sampler"], steps=steps or chosen["steps"],
-                              grid=grid or chosen["grid"], ensemble=ensemble, seed=seed, fusion=fusion)
-    _check_sampling(options, checkpoint)
+    steps, grid = _steps_and_grid(steps, grid, chosen)
+    options = SamplingOptions(sampler=sampler or chosen["sampler"], steps=steps, grid=grid, ensemble=ensemble,
+                              seed=seed, fusion=fusion)
+    _check_sampling(options, module, checkpoint)
     return adapter_for(task, module, module.contract, options, str(checkpoint), **task_options)

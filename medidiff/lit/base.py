@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 from torch import Tensor, nn
 
 from medidiff.core import DiscreteDenoiser, FlowDenoiser, beta_schedule, drop_condition, get_sampler
-from medidiff.core.denoiser import LossWeighting, PredictionType, SigmaGrid
+from medidiff.core.denoiser import GridSpec, LossWeighting, PredictionType
 from medidiff.core.guidance import ClassifierFreeGuidance, Hook
 from medidiff.core.schedules import BetaScheduleName
 from medidiff.errors import MedidiffError
@@ -85,7 +85,8 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         schedule, num_timesteps, zero_terminal_snr: the training noise schedule (``flow`` uses the count only).
         loss_weighting, min_snr_gamma: weighting of the diffusion loss over timesteps.
         lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay to ``max_steps``.
-        sampler, steps, grid: sampling defaults (any name in ``medidiff.core.SAMPLERS``).
+        sampler, steps, grid: sampling defaults (any name in ``medidiff.core.SAMPLERS``); ``grid`` names a spacing
+            or lists the ``steps`` noise levels themselves (e.g. ``[1000, 0.3]`` for a 2-step student).
         ensemble: samples drawn per input, as one batch.
         cond_drop, guidance_scale: classifier-free guidance (drop probability at training, scale at sampling).
         nan_policy: ``raise`` stops training on a NaN/Inf loss with a clear message; ``skip`` skips the batch.
@@ -137,7 +138,7 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         warmup_steps: int = 100,
         sampler: str = "dpmpp_2m",
         steps: int = 10,
-        grid: SigmaGrid = "exponential",
+        grid: GridSpec = "exponential",
         ensemble: int = 1,
         cond_drop: float = 0.0,
         guidance_scale: float = 1.0,
@@ -172,9 +173,18 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
                                              min_snr_gamma=min_snr_gamma, register_model=False)
         else:
             raise ValueError(f"unknown objective {objective!r}; choose ddpm or flow")
+        self._check_grid()
         self._teacher: list[DiffusionModule] = []  # a list: the teacher is neither a submodule nor stored
         if teacher_ckpt is not None:
             self.attach_teacher(teacher_ckpt)
+
+    def _check_grid(self) -> None:
+        """An explicit grid fixes the step count: refuse at construction what sampling would refuse later."""
+        hp = self.hparams
+        if isinstance(hp.grid, str):
+            return
+        for steps in sorted({int(hp.steps), *(hp.val_steps or [])}):
+            self.denoiser.get_sigmas(steps, list(hp.grid))
 
     def attach_teacher(self, path: str) -> None:
         """Distil the checkpoint at ``path``: start from its weights, keep it (frozen, unsaved) as the teacher."""
@@ -354,7 +364,7 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         channels: int | None = None,
         sampler: str | None = None,
         steps: int | None = None,
-        grid: SigmaGrid | None = None,
+        grid: GridSpec | None = None,
         ensemble: int | None = None,
         seed: int | None = None,
         hook: Hook | None = None,
