@@ -204,3 +204,20 @@ def _recording(forward, drawn):
 def test_an_explicit_grid_that_cannot_be_sampled_is_refused_at_construction(options, message):
     with pytest.raises(ValueError, match=message):
         RestorationDiffusion(net=_net(), **options)
+
+
+def test_teacher_steps_may_differ_per_student_step(tmp_path):
+    """``teacher_steps_per_step=[1, 2]`` with teacher = student and DDIM: the first student step's target is its
+    own estimate (zero loss), the second one's is two teacher steps (a target it does not yet meet); a list of the
+    wrong length is refused."""
+    path, _ = _teacher_file(tmp_path)
+    student = RestorationDiffusion(net=_net(), prediction_type="sample", teacher_ckpt=str(path), steps=2,
+                                   grid="trailing", teacher_steps_per_step=[1, 2], teacher_sampler="ddim")
+    losses = {}
+    for seed in range(6):
+        step = distillation_loss(student, student._teacher[0], _kspace_batch(), torch.Generator().manual_seed(seed))
+        losses.setdefault(step.index, []).append(float(step.per_sample.detach().mean()))
+    assert set(losses) == {0, 1}
+    assert max(losses[0]) < 1e-10 and min(losses[1]) > 1e-6
+    with pytest.raises(ValueError, match="lists 3 counts for a student of 2 steps"):
+        RestorationDiffusion(net=_net(), steps=2, teacher_steps_per_step=[1, 2, 3])

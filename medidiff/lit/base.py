@@ -111,7 +111,7 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         teacher_ckpt: distil this trained checkpoint (same class, network and denoiser settings) into a student
             for ``steps`` steps of ``grid`` (:mod:`medidiff.lit.distill`); the student starts from its weights.
         teacher_steps_per_step, teacher_sampler: how the teacher solves each student step (2 steps of
-            ``dpmpp_2m``: one round of progressive distillation).
+            ``dpmpp_2m``: one round of progressive distillation); a list gives each student step its own count.
         teacher_hook: apply the task's measurement hook (data consistency) to the teacher's steps and to the
             student's estimate while distilling, as sampling will.
         teacher_source: where the teacher came from (recorded; set from ``teacher_ckpt``).
@@ -151,7 +151,7 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         compile: bool = False,
         seed: int = 0,
         teacher_ckpt: str | None = None,
-        teacher_steps_per_step: int = 2,
+        teacher_steps_per_step: int | list[int] = 2,
         teacher_sampler: str = "dpmpp_2m",
         teacher_hook: bool = True,
         teacher_source: str | None = None,
@@ -160,7 +160,7 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         get_sampler(sampler)  # fail at construction on a misspelled sampler, not after training
-        check_distillation_settings(teacher_steps_per_step, teacher_sampler)
+        check_distillation_settings(teacher_steps_per_step, teacher_sampler, steps)
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         network = torch.compile(self.net) if compile else self.net
         # the network is registered once, as `net`: the denoiser holds it without owning its parameters

@@ -10,7 +10,9 @@ teacher's ``x_teacher`` exactly when its estimate is
     D* = (x_teacher - r x) / (1 - r),   r = sigma_next / sigma,
 
 so the student regresses ``D*`` in x0 space. With 2 teacher steps per student step this is one round of
-progressive distillation; more teacher steps per step reach a 2-step student in one round.
+progressive distillation; more teacher steps per step reach a 2-step student in one round. The count may differ
+per student step (``[1, 5]``): a step the teacher already does well in one evaluation (the jump from pure noise)
+is then kept as the teacher does it, and the budget goes where one evaluation falls short.
 
 The task's measurement hook (k-space or down-sampling consistency) acts on every teacher step and on the
 student's estimate, as it will at sampling, so the student learns what is left after data consistency. The
@@ -20,6 +22,7 @@ teacher is read weights-only and is not stored: a student checkpoint is an ordin
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -91,7 +94,8 @@ def distillation_loss(student: Any, teacher: Any, batch: dict[str, Any],
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
     x = student._layout(x0 + sigma * noise)
     with torch.no_grad():
-        grid = teacher_grid(sigma, sigma_next, hp.teacher_steps_per_step, teacher.denoiser.sigma_min)
+        grid = teacher_grid(sigma, sigma_next, teacher_steps(hp.teacher_steps_per_step, index),
+                            teacher.denoiser.sigma_min)
         solve = get_sampler(hp.teacher_sampler)
         x_teacher = solve(functools.partial(teacher.denoiser, **kwargs), x, grid.to(x.device), hook=hook)
         target = student_target(x, x_teacher, sigma, sigma_next)
@@ -103,7 +107,17 @@ def distillation_loss(student: Any, teacher: Any, batch: dict[str, Any],
     return DistillationStep(per_sample, index, estimate, student._layout(x0))
 
 
-def check_distillation_settings(teacher_steps_per_step: int, teacher_sampler: str) -> None:
-    if teacher_steps_per_step < 1:
+def teacher_steps(per_step: int | Sequence[int], index: int) -> int:
+    """Teacher steps for student step ``index``: one count for every step, or one count per step."""
+    return int(per_step) if isinstance(per_step, int) else int(per_step[index])
+
+
+def check_distillation_settings(teacher_steps_per_step: int | Sequence[int], teacher_sampler: str,
+                                steps: int) -> None:
+    counts = [teacher_steps_per_step] if isinstance(teacher_steps_per_step, int) else list(teacher_steps_per_step)
+    if not isinstance(teacher_steps_per_step, int) and len(counts) != steps:
+        raise ValueError(f"teacher_steps_per_step lists {len(counts)} counts for a student of {steps} steps; "
+                         "give one count, or one per student step")
+    if any(int(c) < 1 for c in counts):
         raise ValueError(f"teacher_steps_per_step must be at least 1, got {teacher_steps_per_step}")
     get_sampler(teacher_sampler)
