@@ -221,3 +221,29 @@ def test_teacher_steps_may_differ_per_student_step(tmp_path):
     assert max(losses[0]) < 1e-10 and min(losses[1]) > 1e-6
     with pytest.raises(ValueError, match="lists 3 counts for a student of 2 steps"):
         RestorationDiffusion(net=_net(), steps=2, teacher_steps_per_step=[1, 2, 3])
+
+
+def test_own_inputs_start_each_student_step_where_its_earlier_steps_lead(tmp_path):
+    """``distill_inputs="own"``: the state the teacher solves the second student step from is exactly the
+    student's own (hooked) DDIM step from ``x0 + sigma_max * noise``; the first step starts from that noise."""
+    path, _ = _teacher_file(tmp_path)
+    batch = _kspace_batch()
+    student = RestorationDiffusion(net=_net(), prediction_type="sample", teacher_ckpt=str(path), steps=2,
+                                   grid="trailing", distill_inputs="own")
+    teacher = student._teacher[0]
+    seen = []
+    original = teacher.denoiser.forward
+    teacher.denoiser.forward = lambda x, sigma, **kw: seen.append(x.clone()) or original(x, sigma, **kw)
+    sigmas = [float(s) for s in student.denoiser.get_sigmas(2, "trailing")]
+    x0, cond = student.target_and_condition(batch)
+    hook = student.diffused_hook(student.measurement_hook(batch), cond)
+    for seed in range(6):
+        seen.clear()
+        step = distillation_loss(student, teacher, batch, torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
+        torch.randint(0, 2, (1,), generator=generator)
+        start = x0 + sigmas[0] * torch.randn(x0.shape, generator=generator)
+        expected = start if step.index == 0 else sample_ddim(
+            functools.partial(student.denoiser, cond=cond), start, torch.tensor(sigmas[:2], dtype=torch.float64),
+            hook=hook)
+        assert torch.allclose(seen[0], expected, atol=1e-6)

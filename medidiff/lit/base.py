@@ -118,6 +118,9 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         distill_task_loss: while distilling, add the task's own loss on the student's estimate against the truth
             (segmentation: the Dice term, ``dice_weight``), so the student may improve on what it imitates.
             Tasks without a loss of their own beside the diffusion one (restoration, super-resolution) add nothing.
+        distill_inputs: where each student step starts while distilling: ``noised`` (``x0 + sigma * noise``, the
+            state a perfect earlier step leaves) or ``own`` (where the student's own earlier steps lead, as when
+            it samples).
     """
 
     task: str = "base"
@@ -156,6 +159,7 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         teacher_hook: bool = True,
         teacher_source: str | None = None,
         distill_task_loss: bool = False,
+        distill_inputs: Literal["noised", "own"] = "noised",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])

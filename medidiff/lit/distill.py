@@ -14,6 +14,10 @@ progressive distillation; more teacher steps per step reach a 2-step student in 
 per student step (``[1, 5]``): a step the teacher already does well in one evaluation (the jump from pure noise)
 is then kept as the teacher does it, and the budget goes where one evaluation falls short.
 
+Each student step starts from ``x0 + sigma * noise`` (``distill_inputs="noised"``), the state a perfect earlier
+step would leave, or (``"own"``) from where the student's own earlier steps take ``x0 + sigma_max * noise``, the
+state it will meet when it samples; the teacher then solves the interval from that same state.
+
 The task's measurement hook (k-space or down-sampling consistency) acts on every teacher step and on the
 student's estimate, as it will at sampling, so the student learns what is left after data consistency. The
 teacher is read weights-only and is not stored: a student checkpoint is an ordinary checkpoint of its task.
@@ -92,8 +96,11 @@ def distillation_loss(student: Any, teacher: Any, batch: dict[str, Any],
     index = int(torch.randint(0, len(sigmas) - 1, (1,), generator=generator, device=x0.device))
     sigma, sigma_next = sigmas[index], sigmas[index + 1]
     noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device)
-    x = student._layout(x0 + sigma * noise)
     with torch.no_grad():
+        if hp.distill_inputs == "own":
+            x = own_state(student, student._layout(x0 + sigmas[0] * noise), sigmas[:index + 1], kwargs, hook)
+        else:
+            x = student._layout(x0 + sigma * noise)
         grid = teacher_grid(sigma, sigma_next, teacher_steps(hp.teacher_steps_per_step, index),
                             teacher.denoiser.sigma_min)
         solve = get_sampler(hp.teacher_sampler)
@@ -110,6 +117,15 @@ def distillation_loss(student: Any, teacher: Any, batch: dict[str, Any],
 def teacher_steps(per_step: int | Sequence[int], index: int) -> int:
     """Teacher steps for student step ``index``: one count for every step, or one count per step."""
     return int(per_step) if isinstance(per_step, int) else int(per_step[index])
+
+
+def own_state(student: Any, x: Tensor, sigmas: list[float], kwargs: dict[str, Tensor], hook: Any) -> Tensor:
+    """Where the student's own DDIM steps along ``sigmas`` take ``x``: the state its next step will see when it
+    samples (the ``x0 + sigma * noise`` of training is the state of a perfect earlier step)."""
+    if len(sigmas) == 1:
+        return x
+    grid = torch.tensor(sigmas, dtype=torch.float64, device=x.device)
+    return get_sampler("ddim")(functools.partial(student.denoiser, **kwargs), x, grid, hook=hook)
 
 
 def check_distillation_settings(teacher_steps_per_step: int | Sequence[int], teacher_sampler: str,
