@@ -13,17 +13,19 @@ CLASSICAL_METHODS = ("average", "max_abs", "laplacian")
 ALLOW = ("intensity", "clipping", "modality", "degradation")
 
 
-GRID_NAMES = ("karras", "exponential", "trailing", "leading", "linspace")
-
-
 def _grid(text: str) -> str | list[float]:
     """``--grid``: a named spacing, or comma-separated noise levels."""
-    if text in GRID_NAMES:
+    from typing import get_args
+
+    from medidiff.core.denoiser import SigmaGrid  # here, not at import: the core pulls in torch
+
+    names = get_args(SigmaGrid)
+    if text in names:
         return text
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a grid name ({', '.join(GRID_NAMES)}) nor "
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a grid name ({', '.join(names)}) nor "
                                          "comma-separated noise levels") from None
 
 
