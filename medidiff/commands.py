@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--ensemble", type=int, default=1, help="samples per case, drawn as one batch")
     infer.add_argument("--fusion", default="mean", choices=("mean", "vote", "staple"),
                        help="how ensemble members become one label map")
+    infer.add_argument("--flips", type=int, default=1,
+                       help="segmentation: draw the ensemble for each of N flips of the image (test-time "
+                            "augmentation, flipped back; up to 4 in 2D, 8 in 3D)")
     infer.add_argument("--seed", type=int, default=0)
     infer.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     infer.add_argument("--mask", type=Path, default=None,
@@ -139,7 +142,7 @@ def _infer(args: argparse.Namespace) -> None:
     task_options |= {"method": args.method} if args.task == "fusion" else {}
     adapter = from_checkpoint(args.task, args.ckpt, device=args.device, sampler=args.sampler, steps=args.steps,
                               grid=args.grid, ensemble=args.ensemble, seed=args.seed, fusion=args.fusion,
-                              consistency=not args.no_consistency, **task_options)
+                              flips=args.flips, consistency=not args.no_consistency, **task_options)
     _check_degradation(adapter, args)
     with _progress_bars() as (factory, console):
         written = infer(adapter, inputs, args.output, options=options, report=console, progress_factory=factory)
@@ -216,7 +219,9 @@ def _check_infer_options(args: argparse.Namespace) -> None:
 
     if args.sampler is not None and args.sampler not in SAMPLERS:
         raise MedidiffError(f"--sampler {args.sampler!r} is unknown; choose one of {', '.join(sorted(SAMPLERS))}")
-    for option in ("steps", "ensemble"):
+    if args.flips != 1 and args.task != "segmentation":
+        raise MedidiffError(f"--flips applies to segmentation, not {args.task}")
+    for option in ("steps", "ensemble", "flips"):
         value = getattr(args, option)
         if value is not None and value < 1:
             raise MedidiffError(f"--{option} must be at least 1, got {value}")

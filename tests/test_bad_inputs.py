@@ -328,9 +328,16 @@ def test_infer_output_equal_to_an_input(tiny_seg_checkpoint, tmp_path, capsys):
     assert scan.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["scan.nii.gz"]
 
 
-@pytest.mark.parametrize(("option", "value"), [("--sampler", "eulr"), ("--steps", "-3"), ("--device", "nonsense:0")])
+@pytest.mark.parametrize(("option", "value"), [("--sampler", "eulr"), ("--steps", "-3"), ("--device", "nonsense:0"),
+                                               ("--flips", "5"), ("--flips", "0")])
 def test_infer_bad_sampling_options(tiny_seg_checkpoint, tmp_path, capsys, option, value):
     user_error(capsys, [*infer_argv(tiny_seg_checkpoint, SAMPLE_T1, tmp_path / "out"), option, value], value)
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_infer_refuses_flips_outside_segmentation(tiny_seg_checkpoint, tmp_path, capsys):
+    argv = infer_argv(tiny_seg_checkpoint, SAMPLE_T1, tmp_path / "out", task="restoration")
+    user_error(capsys, [*argv, "--flips", "2"], "--flips applies to segmentation, not restoration")
     assert_nothing_written(tmp_path / "out")
 
 

@@ -116,3 +116,15 @@ def test_checkpoint_of_another_task_and_a_malicious_pickle_are_refused(tiny_seg_
                  "--output", str(tmp_path / "o2")]) == 2
     assert not (tmp_path / "pwned").exists()
     assert "refused" in capsys.readouterr().err
+
+
+def test_infer_flips_record_themselves_and_change_the_result(tiny_seg_checkpoint, tmp_path):
+    base = ["infer", "--task", "segmentation", "--ckpt", str(tiny_seg_checkpoint), "--input", str(SAMPLE_T1),
+            "--steps", "1"]
+    assert main([*base, "--output", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--output", str(tmp_path / "flips"), "--flips", "2"]) == 0
+    info = json.loads((tmp_path / "flips" / "provenance" / "t1_2mm.json").read_text())
+    assert info["settings"]["flips"] == 2
+    plain, flipped = (np.asanyarray(nib.load(tmp_path / run / "prob" / "t1_2mm.nii.gz").dataobj)
+                      for run in ("plain", "flips"))
+    assert plain.shape == flipped.shape and not np.allclose(plain, flipped)

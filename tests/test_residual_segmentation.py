@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from medidiff.lit import ResidualSegmentationDiffusion, UNetSegmenter
-from medidiff.lit.baseline import flip_sets, network_logits
+from medidiff.lit.baseline import network_logits
+from medidiff.lit.segmentation import flip_sets, over_flips
 from medidiff.nets import ConditionalUNet, PlainUNet
 
 PREDICTOR = {"class_path": "medidiff.nets.PlainUNet",
@@ -134,3 +135,38 @@ def test_fit_with_a_missing_predictor_checkpoint_is_one_line_naming_it(tmp_path,
     user_error(capsys, ["fit", "--config", str(path), "--trainer.fast_dev_run", "1", "--trainer.default_root_dir",
                         str(run)], "missing.ckpt", "checkpoint not found")
     assert not [p for p in run.rglob("*") if p.is_file()]
+
+
+# ------------------------------------------------------------------------------------ test-time flips
+
+
+def test_over_flips_flips_each_members_input_and_flips_its_output_back():
+    """A member function that adds a fixed position ramp to its input: flipped back, member i is the image plus
+    the ramp flipped along flip set i, so a wrong axis or a missing flip-back shows."""
+    image = torch.arange(2 * 1 * 3 * 4, dtype=torch.float32).reshape(2, 1, 3, 4)
+    ramp = torch.arange(12, dtype=torch.float32).reshape(3, 4) * 100
+    members = over_flips(image, 4, lambda flipped, i: (flipped + ramp + i)[None])
+    assert members.shape == (4, 2, 1, 3, 4)
+    for i, axes in enumerate(flip_sets(2)):
+        assert torch.equal(members[i], image + ramp.flip([a - 2 for a in axes]) + i), axes
+    with pytest.raises(Exception, match="--flips 5: a 2D image has 4"):
+        over_flips(image, 5, lambda flipped, i: flipped[None])
+
+
+def test_diffusion_flips_draw_the_ensemble_per_flip_with_its_own_seed():
+    module, image = residual_module(), torch.randn(1, 1, 16, 16)
+    plain = module.predict_probabilities(image, steps=2, ensemble=2, seed=3)
+    flipped = module.predict_probabilities(image, steps=2, ensemble=2, seed=3, flips=2)
+    assert flipped.shape == (4, 1, 1, 16, 16)
+    assert torch.equal(flipped[:2], plain)  # the image as is first, with the given seed
+    second = module.member_probabilities(image.flip(2), steps=2, ensemble=2, seed=4).flip(3)
+    assert torch.allclose(flipped[2:], second, atol=1e-6)
+
+
+def test_a_unet_takes_flips_as_its_ensemble_of_flips_and_refuses_both():
+    module, image = unet(), torch.randn(1, 1, 16, 16)
+    assert torch.equal(module.predict_probabilities(image, flips=3), module.predict_probabilities(image, ensemble=3))
+    with pytest.raises(Exception, match="not both"):
+        module.predict_probabilities(image, ensemble=2, flips=2)
+    dropout = unet(dropout=0.3)
+    assert dropout.predict_probabilities(image, ensemble=3, flips=2, seed=1).shape == (6, 1, 1, 16, 16)

@@ -40,11 +40,14 @@ class SamplingOptions:
     ensemble: int = 1
     seed: int = 0
     fusion: str = "mean"  # segmentation ensembles: mean | vote | staple
+    flips: int = 1  # segmentation: the ensemble is drawn for each of this many flips of the image
     slice_batch: int | None = None  # 2D models over volumes: slices per sampler call (None: the task's default)
 
     def sampling(self) -> dict[str, Any]:
         """The keyword arguments of the modules' sampling methods."""
-        return dict(sampler=self.sampler, steps=self.steps, grid=self.grid, ensemble=self.ensemble, seed=self.seed)
+        flips = {"flips": self.flips} if self.flips != 1 else {}  # segmentation modules alone take flips
+        return dict(sampler=self.sampler, steps=self.steps, grid=self.grid, ensemble=self.ensemble, seed=self.seed,
+                    **flips)
 
 
 @dataclass
@@ -153,12 +156,12 @@ class SegmentationTask(ModelTask):
     def predict(self, tensors: dict[str, Tensor], case: Case, progress: Progress | None) -> dict[str, Output]:
         image = tensors["image"].float()
         if self.per_slice(image):
-            kwargs = self.sampling(progress, self.slice_calls(image))
+            kwargs = self.sampling(progress, self.slice_calls(image) * self.options.flips)
             # (S, C, H, W) -> (N, S, C, H, W) -> (S, N, C, H, W); back together: (N, C, X, Y, Z)
             probs = self.over_slices(lambda s: self.module.predict_probabilities(s, **kwargs).movedim(0, 1), image)
         else:
             probs = self.module.predict_probabilities(image[None], denoiser=self._windows(image),
-                                                      **self.sampling(progress))[:, 0]
+                                                      **self.sampling(progress, self.options.flips))[:, 0]
         return segmentation_outputs(self.module, probs, self.options.fusion)
 
     def _windows(self, image: Tensor):
@@ -226,7 +229,7 @@ class RestorationTask(ModelTask):
     def predict(self, tensors: dict[str, Tensor], case: Case, progress: Progress | None) -> dict[str, Output]:
         image, mask = tensors["image"].float(), tensors.get("kspace_mask")
         if self.per_slice(image):
-            kwargs = self.sampling(progress, self.slice_calls(image))
+            kwargs = self.sampling(progress, self.slice_calls(image) * self.options.flips)
             if mask is None:
                 restored = self.over_slices(lambda s: self._restore(s, None, kwargs), image)
             else:
@@ -384,7 +387,7 @@ def _steps_and_grid(steps: int | None, grid: str | list[float] | None, chosen: d
 
 def from_checkpoint(task: str, checkpoint: str | Path | None, *, device: str = "cpu", sampler: str | None = None,
                     steps: int | None = None, grid: str | list[float] | None = None, ensemble: int = 1,
-                    seed: int = 0, fusion: str = "mean", consistency: bool = True,
+                    seed: int = 0, fusion: str = "mean", flips: int = 1, consistency: bool = True,
                     **task_options: Any) -> TaskAdapter:
     """Load a checkpoint (weights only) onto ``device`` and build its task adapter; sampler settings not given
     are the contract's (the step count that scored best on validation, else the training config's)."""
@@ -402,6 +405,12 @@ def from_checkpoint(task: str, checkpoint: str | Path | None, *, device: str = "
     chosen = {**SamplingOptions().sampling(), **(module.contract.get("sampling") or {})}
     steps, grid = _steps_and_grid(steps, grid, chosen)
     options = SamplingOptions(sampler=sampler or chosen["sampler"], steps=steps, grid=grid, ensemble=ensemble,
-                              seed=seed, fusion=fusion)
+                              seed=seed, fusion=fusion, flips=flips)
+    if flips != 1 and task != "segmentation":
+        raise MedidiffError(f"test-time flips (--flips) apply to segmentation, not {task}", checkpoint)
+    if not 1 <= flips <= 2 ** module.net.spatial_dims:
+        raise MedidiffError(f"--flips {flips}: a {module.net.spatial_dims}D model's images have "
+                            f"{2 ** module.net.spatial_dims} sets of axes to flip (the image as is included)",
+                            checkpoint)
     _check_sampling(options, module, checkpoint)
     return adapter_for(task, module, module.contract, options, str(checkpoint), **task_options)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from medidiff.errors import MedidiffError
 from medidiff.lit.base import MedidiffModule, crop, pad_to_multiple, stride_multiple
-from medidiff.lit.segmentation import SegmentationOutputs
+from medidiff.lit.segmentation import SegmentationOutputs, flip_sets, over_flips
 from medidiff.sliding import window_inference
 
 
@@ -57,26 +57,31 @@ class UNetSegmenter(SegmentationOutputs, MedidiffModule, L.LightningModule):
 
     @torch.no_grad()
     def predict_probabilities(self, cond: Tensor, ensemble: int | None = None, seed: int | None = None,
-                              **ignored: Any) -> Tensor:
+                              flips: int = 1, **ignored: Any) -> Tensor:
         """Class probabilities ``(N, B, C, *spatial)``, shaped like N diffusion ensemble members.
 
         ``ensemble`` N > 1 draws N test-time members: with dropout on (MC dropout) when the network was built
         with dropout, else the image flipped along a different set of spatial axes for each member (test-time
-        augmentation; member 0 is the image as is), each prediction flipped back.
+        augmentation; member 0 is the image as is), each prediction flipped back. ``flips`` F flips the image
+        as diffusion segmenters do: N MC-dropout members (or one pass) for each of F flips.
         """
         members = ensemble or 1
+        if members > 1 and getattr(self.net, "config", {}).get("dropout", 0) == 0:
+            if flips > 1:
+                raise MedidiffError("a UNet without dropout draws its --ensemble members from flips of the image; "
+                                    "give --ensemble or --flips, not both")
+            if members > len(flip_sets(cond.ndim - 2)):
+                raise MedidiffError(f"a UNet without dropout draws its ensemble members from the "
+                                    f"{len(flip_sets(cond.ndim - 2))} flips of a {cond.ndim - 2}D image; --ensemble "
+                                    f"{members} asks for more (train with net.init_args.dropout above 0 for MC "
+                                    "dropout)")
+            flips, members = members, 1
+        return over_flips(cond, flips, lambda image, _: self._members(image, members, seed))
+
+    def _members(self, image: Tensor, members: int, seed: int | None) -> Tensor:
         if members == 1:
-            return self.class_probabilities(self._logits(cond))[None]
-        if getattr(self.net, "config", {}).get("dropout", 0) > 0:
-            members_logits = self._dropout_logits(cond, members, seed)
-            return torch.stack([self.class_probabilities(logits) for logits in members_logits])
-        flips = flip_sets(cond.ndim - 2)
-        if members > len(flips):
-            raise MedidiffError(f"a UNet without dropout draws its ensemble members from the {len(flips)} flips of "
-                                f"a {cond.ndim - 2}D image; --ensemble {members} asks for more (train with "
-                                "net.init_args.dropout above 0 for MC dropout)")
-        return torch.stack([self.class_probabilities(self._logits(cond.flip(axes)).flip(axes))
-                            for axes in flips[:members]])
+            return self.class_probabilities(self._logits(image))[None]
+        return torch.stack([self.class_probabilities(logits) for logits in self._dropout_logits(image, members, seed)])
 
     def _logits(self, cond: Tensor) -> Tensor:
         return network_logits(self.net, cond, self.hparams.roi_size)
@@ -96,14 +101,6 @@ class UNetSegmenter(SegmentationOutputs, MedidiffModule, L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.net.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-
-
-def flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
-    """Every subset of the spatial axes of a ``(B, C, *spatial)`` tensor, the empty one (no flip) first."""
-    from itertools import combinations
-
-    axes = range(2, 2 + spatial_dims)
-    return [subset for size in range(spatial_dims + 1) for subset in combinations(axes, size)]
 
 
 def network_logits(net: nn.Module, image: Tensor, roi: Sequence[int] | None) -> Tensor:

@@ -116,8 +116,7 @@ class ResidualSegmentationDiffusion(SegmentationDiffusion):
             loss = joint if loss is None else loss + joint
         return loss
 
-    @torch.no_grad()
-    def predict_probabilities(self, cond: Tensor, **sampling: Any) -> Tensor:
+    def member_probabilities(self, cond: Tensor, **sampling: Any) -> Tensor:
         """Samples of the mask ``(N, B, C, *spatial)`` for an image ``cond``: the predictor's estimate plus
         sampled residuals, decoded to probabilities."""
         _, base = self.predictor_estimate(cond.float())

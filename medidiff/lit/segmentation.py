@@ -7,7 +7,8 @@ sampler land on sharp masks.
 
 from __future__ import annotations
 
-from typing import Any
+from itertools import combinations
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,26 @@ from monai.losses import DiceLoss
 from monai.metrics import compute_dice
 from torch import Tensor
 
+from medidiff.errors import MedidiffError
 from medidiff.lit.base import DiffusionModule
+
+
+def flip_sets(spatial_dims: int) -> list[tuple[int, ...]]:
+    """Every subset of the spatial axes of a ``(B, C, *spatial)`` tensor, the empty one (no flip) first."""
+    axes = range(2, 2 + spatial_dims)
+    return [subset for size in range(spatial_dims + 1) for subset in combinations(axes, size)]
+
+
+def over_flips(image: Tensor, flips: int, members: Callable[[Tensor, int], Tensor]) -> Tensor:
+    """Test-time flips: ``members(flipped, i)`` ``(N, B, C, *)`` for ``image`` ``(B, C, *)`` flipped along each
+    of the first ``flips`` sets of spatial axes (the image as is first), each flipped back, all stacked:
+    ``(flips * N, B, C, *)``."""
+    sets = flip_sets(image.ndim - 2)
+    if not 1 <= flips <= len(sets):
+        raise MedidiffError(f"--flips {flips}: a {image.ndim - 2}D image has {len(sets)} sets of axes to flip "
+                            f"(the image as is included); give 1 to {len(sets)}")
+    return torch.cat([members(image.flip(axes), i).flip([axis + 1 for axis in axes])
+                      for i, axes in enumerate(sets[:flips])])
 
 
 def mask_channels(num_classes: int) -> int:
@@ -115,6 +135,21 @@ class SegmentationDiffusion(SegmentationOutputs, DiffusionModule):
             return None
         probability = ((x0_hat + 1) / 2).clamp(0, 1)
         return self.hparams.dice_weight * self.dice(probability, (x0 + 1) / 2)
+
+    @torch.no_grad()
+    def predict_probabilities(self, cond: Tensor, flips: int = 1, **sampling: Any) -> Tensor:
+        """Class probabilities ``(N, B, C, *spatial)`` of ``ensemble`` members for an image ``cond``, drawn for
+        each of the first ``flips`` flips of the image (test-time augmentation, flipped back; each flip its own
+        seed, the image as is first with ``seed``): N = ensemble * flips."""
+        if flips > 1 and sampling.get("hook") is not None:
+            raise MedidiffError("test-time flips would flip this model's per-step measurement hook too; use --flips 1")
+        seed = sampling.pop("seed", None)
+        seed = self.hparams.seed if seed is None else seed
+        return over_flips(cond, flips, lambda image, i: self.member_probabilities(image, seed=seed + i, **sampling))
+
+    def member_probabilities(self, cond: Tensor, **sampling: Any) -> Tensor:
+        """Decoded samples ``(N, B, C, *spatial)`` of the image as given."""
+        return self.decode(self.sample(cond, **sampling))
 
     def decode(self, samples: Tensor) -> Tensor:
         """Samples ``(N, B, C, *spatial)`` to per-class probabilities of the same shape (summing to 1 over C

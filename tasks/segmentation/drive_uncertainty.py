@@ -2,7 +2,8 @@
 uncertainty baselines (softmax entropy, test-time flips, MC dropout), scored against both human observers.
 
     python tasks/segmentation/drive_uncertainty.py --unet CKPT --residual [LABEL=]CKPT [--residual ...]
-        [--predictor CKPT] [--mc-dropout CKPT] [--ce-unet CKPT] [--out runs/drive_uncertainty]
+        [--predictor CKPT] [--mc-dropout CKPT] [--ce-unet CKPT] [--row NAME CKPT ARGS ...]
+        [--out runs/drive_uncertainty]
     python tasks/segmentation/drive_uncertainty.py --ce-unet CKPT --out DIR    # one baseline's rows alone
 
 Every row is ``medidiff infer`` + ``medidiff evaluate --uncertainty --rater <2nd observer>`` on the 20 test
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
 from medidiff.results import (
@@ -36,9 +38,12 @@ def main() -> None:
     parser.add_argument("--predictor", type=Path, help="the residual model's stage-1 UNet, scored alone")
     parser.add_argument("--ce-unet", type=Path, help="a UNet trained on cross-entropy alone (dice_weight 0): the "
                         "calibration baseline, alone and with 4 flips")
+    parser.add_argument("--row", action="append", nargs=3, default=[], metavar=("NAME", "CKPT", "ARGS"),
+                        help="a further row: CKPT through medidiff infer with ARGS (one quoted string, e.g. "
+                             "'--steps 1 --flips 4')")
     parser.add_argument("--out", type=Path, default=Path("runs/drive_uncertainty"))
     args = parser.parse_args()
-    if not (args.unet or args.residual or args.mc_dropout or args.ce_unet):
+    if not (args.unet or args.residual or args.mc_dropout or args.ce_unet or args.row):
         parser.error("give at least one checkpoint")
     baselines = []
     if args.mc_dropout:
@@ -46,6 +51,7 @@ def main() -> None:
                       ("mc_dropout_unet_8", args.mc_dropout, ["--ensemble", "8"])]
     if args.ce_unet:
         baselines += [("unet_ce", args.ce_unet, []), ("unet_ce_tta4", args.ce_unet, ["--ensemble", "4"])]
+    baselines += [(name, Path(ckpt), shlex.split(infer_args)) for name, ckpt, infer_args in args.row]
     plan = unet_and_residual_plan(args.unet, args.predictor, args.residual, (1, 2, 5, 10), (1, 2),
                                   baselines=baselines)
     rows = run_uncertainty_rows(plan, DRIVE / "images", DRIVE / "1st_manual", args.out, "drive",
