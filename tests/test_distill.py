@@ -247,3 +247,45 @@ def test_own_inputs_start_each_student_step_where_its_earlier_steps_lead(tmp_pat
             functools.partial(student.denoiser, cond=cond), start, torch.tensor(sigmas[:2], dtype=torch.float64),
             hook=hook)
         assert torch.allclose(seen[0], expected, atol=1e-6)
+
+
+def test_a_fusion_prior_distils_and_its_student_keeps_the_likelihood_on_each_of_its_steps(tmp_path):
+    """Fusion distils its unconditional prior (training batches are single images, no sources); the fusion
+    likelihood is the student's per-step hook when it fuses, as for the teacher."""
+    from medidiff.lit import FusionDiffusion
+
+    torch.manual_seed(0)
+    teacher = FusionDiffusion(net=ConditionalUNet(2, 1, 0, channels=(8, 16), norm_num_groups=4))
+    path = export(teacher, {"card": "sample_fusion"}, tmp_path / "teacher.ckpt", half=False)
+    student = FusionDiffusion(net=ConditionalUNet(2, 1, 0, channels=(8, 16), norm_num_groups=4),
+                              teacher_ckpt=str(path), steps=2, teacher_steps_per_step=3)
+    image = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    step = distillation_loss(student, student._teacher[0], {"image": image}, torch.Generator().manual_seed(0))
+    step.per_sample.mean().backward()
+    assert torch.isfinite(step.per_sample).all()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.net.parameters())
+    a, b = torch.zeros(1, 1, 16, 16), torch.zeros(1, 1, 16, 16)
+    a[..., 2:8, 2:8], b[..., 8:14, 8:14] = 1.0, 0.6
+    hook = student.likelihood(a, b)
+    calls = []
+    student.likelihood = lambda *_: functools.partial(_count, hook, calls)
+    fused = student.eval().fuse(a, b)
+    assert fused.shape == (1, 1, 1, 16, 16) and len(calls) == 2
+
+
+def test_the_truth_term_adds_exactly_its_weight_times_the_estimates_squared_error(tmp_path):
+    """``distill_truth_weight``: the loss is the distillation error plus w * mean((estimate - x0)^2) of the same
+    k-space-consistent estimate."""
+    path, _ = _teacher_file(tmp_path)
+    batch = _kspace_batch()
+    losses = {}
+    for weight in (0.0, 0.5):
+        student = RestorationDiffusion(net=_net(), prediction_type="sample", teacher_ckpt=str(path), steps=2,
+                                       distill_truth_weight=weight)
+        student.log = lambda *args, **kwargs: None
+        step = distillation_loss(student, student._teacher[0], batch, torch.Generator().manual_seed(0))
+        losses[weight] = float(student._distillation_loss(batch, "train", torch.Generator().manual_seed(0)))
+    truth = (step.estimate - step.x0).pow(2).mean()
+    assert losses[0.0] == pytest.approx(float(step.per_sample.mean()), rel=1e-6)
+    assert losses[0.5] == pytest.approx(float(step.per_sample.mean() + 0.5 * truth), rel=1e-6)
+    assert float(truth) > 1e-4

@@ -118,6 +118,9 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         distill_task_loss: while distilling, add the task's own loss on the student's estimate against the truth
             (segmentation: the Dice term, ``dice_weight``), so the student may improve on what it imitates.
             Tasks without a loss of their own beside the diffusion one (restoration, super-resolution) add nothing.
+        distill_truth_weight: while distilling, add this weight times the squared error of the student's estimate
+            (after the measurement hook) against the truth, for every task: from its own inputs the student then
+            also learns to correct its earlier steps, not only to copy the teacher.
         distill_inputs: where each student step starts while distilling: ``noised`` (``x0 + sigma * noise``, the
             state a perfect earlier step leaves) or ``own`` (where the student's own earlier steps lead, as when
             it samples).
@@ -159,6 +162,7 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         teacher_hook: bool = True,
         teacher_source: str | None = None,
         distill_task_loss: bool = False,
+        distill_truth_weight: float = 0.0,
         distill_inputs: Literal["noised", "own"] = "noised",
     ):
         super().__init__()
@@ -315,6 +319,10 @@ class DiffusionModule(MedidiffModule, L.LightningModule):
         self.log(f"{stage}/distill_loss_step{step.index}", loss, batch_size=batch_size)
         if self.hparams.distill_task_loss:
             loss = self._plus_extra_loss(loss, step.estimate, step.x0, batch, stage)
+        if self.hparams.distill_truth_weight:
+            truth = (step.estimate.float() - step.x0.float()).pow(2).mean()
+            self.log(f"{stage}/distill_truth_loss", truth, batch_size=batch_size)
+            loss = loss + self.hparams.distill_truth_weight * truth
         self.log(f"{stage}/loss", loss, batch_size=batch_size, prog_bar=True)
         return loss
 
