@@ -24,7 +24,8 @@ from tests.conftest import REPO, SHARED
 
 SHAPES = {"2d": (2, 1, 32, 32), "3d": (1, 1, 16, 16, 16)}
 SAMPLE = REPO / "medidiff/sample_data/fusion"
-FUSION_CONFIGS = sorted((REPO / "configs/fusion").glob("*.yaml"))
+# distillation configs need a teacher first: test_cli_segmentation.test_every_config_runs_a_fast_dev_run trains one
+FUSION_CONFIGS = sorted(c for c in (REPO / "configs/fusion").glob("*.yaml") if not c.stem.endswith("_distill"))
 
 
 def _two_squares(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
