@@ -121,6 +121,12 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most this many pairs")
     parser.add_argument("--set", nargs="*", default=[], metavar="OPTION=VALUE",
                         help="override likelihood options of the checkpoint, e.g. prior_weight=0.1")
+    parser.add_argument("--own-sampler", action="store_true",
+                        help="sample with the checkpoint's own sampler and grid (a distilled student's) instead of "
+                             "dpmpp_2m on the exponential grid")
+    parser.add_argument("--name", default=None,
+                        help="results under benchmarks/results/<name>.{md,json}, no panels (default: the dataset's "
+                             "published table and panels)")
     parser.add_argument("--out", type=Path, default=REPO / "runs/bench_fusion")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 avoids OpenMP oversubscription on a shared CPU")
@@ -144,7 +150,9 @@ def main() -> None:
     rows = [run_method(name, dirs, results, from_checkpoint("fusion", None, method=name))
             for name in ("average", "max_abs", "laplacian")]
     for nfe in args.nfe:
-        options = SamplingOptions(sampler="dpmpp_2m", steps=nfe, grid="exponential", seed=args.seed)
+        sampler, grid = ((module.hparams.sampler, module.hparams.grid) if args.own_sampler
+                         else ("dpmpp_2m", "exponential"))
+        options = SamplingOptions(sampler=sampler, steps=nfe, grid=grid, seed=args.seed)
         adapter = adapter_for("fusion", module, module.contract, options, str(checkpoint))
         row = run_method(f"diffusion_nfe{nfe}", dirs, results, adapter)
         rows.append({**row, "nfe": nfe, "seed": args.seed})
@@ -160,12 +168,12 @@ def main() -> None:
     print(table + footer)
     out = REPO / "benchmarks/results"
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"fusion_{args.dataset}" + ("" if args.split == "test" else f"_{args.split}")
+    stem = args.name or f"fusion_{args.dataset}" + ("" if args.split == "test" else f"_{args.split}")
     (out / f"{stem}.md").write_text(table + footer + "\n")
     (out / f"{stem}.json").write_text(json.dumps(
         {"rows": rows, "train_seconds": train_seconds, "checkpoint": str(checkpoint), "command": command,
          "machine": machine}, indent=1))
-    if args.split != "test":
+    if args.split != "test" or args.name:
         return
     best = max(args.nfe) if 10 not in args.nfe else 10
     names = sorted(p.name for p in dirs[0].iterdir())
