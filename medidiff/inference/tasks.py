@@ -229,7 +229,7 @@ class RestorationTask(ModelTask):
     def predict(self, tensors: dict[str, Tensor], case: Case, progress: Progress | None) -> dict[str, Output]:
         image, mask = tensors["image"].float(), tensors.get("kspace_mask")
         if self.per_slice(image):
-            kwargs = self.sampling(progress, self.slice_calls(image) * self.options.flips)
+            kwargs = self.sampling(progress, self.slice_calls(image))
             if mask is None:
                 restored = self.over_slices(lambda s: self._restore(s, None, kwargs), image)
             else:

@@ -70,11 +70,11 @@ class UNetSegmenter(SegmentationOutputs, MedidiffModule, L.LightningModule):
             if flips > 1:
                 raise MedidiffError("a UNet without dropout draws its --ensemble members from flips of the image; "
                                     "give --ensemble or --flips, not both")
-            if members > len(flip_sets(cond.ndim - 2)):
-                raise MedidiffError(f"a UNet without dropout draws its ensemble members from the "
-                                    f"{len(flip_sets(cond.ndim - 2))} flips of a {cond.ndim - 2}D image; --ensemble "
-                                    f"{members} asks for more (train with net.init_args.dropout above 0 for MC "
-                                    "dropout)")
+            available = len(flip_sets(cond.ndim - 2))
+            if members > available:
+                raise MedidiffError(f"a UNet without dropout draws its ensemble members from the {available} flips "
+                                    f"of a {cond.ndim - 2}D image; --ensemble {members} asks for more (train with "
+                                    "net.init_args.dropout above 0 for MC dropout)")
             flips, members = members, 1
         return over_flips(cond, flips, lambda image, _: self._members(image, members, seed))
 
