@@ -1,37 +1,42 @@
-"""Load checkpoints without running code hidden in them.
+"""Load checkpoints without running code hidden in them, and only intact ones.
 
-Every load goes through ``torch.load(..., weights_only=True)``, which refuses pickled Python objects other
-than tensors and plain containers. The network is rebuilt from the ``net_config`` every medidiff checkpoint
-carries, and only from classes inside ``medidiff.nets`` or ``monai.networks.nets``: a checkpoint can choose
-among known networks, never name arbitrary code.
+Every load verifies the archive's checksums, then goes through ``torch.load(..., weights_only=True)``, which
+refuses pickled Python objects other than tensors and plain containers. The network is rebuilt from the
+``net_config`` every medidiff checkpoint carries, only as one of a closed list of classes with plain-data
+arguments; the module's settings and the model-input contract are checked field by field before use.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from medidiff.arguments import check_arguments, parameters
 from medidiff.errors import MedidiffError
+from medidiff.nets import ConditionalUNet, PlainUNet
 
-ALLOWED_NETWORK_MODULES = ("medidiff.nets", "monai.networks.nets")
+# the closed list of networks a checkpoint may ask for
+NETWORKS: dict[str, type[torch.nn.Module]] = {f"medidiff.nets.{c.__name__}": c for c in (ConditionalUNet, PlainUNet)}
 SHARED_PREFIX = "denoiser.model."  # older checkpoints stored "net.*" twice, also under this prefix
 LEGACY_RECORD_KEYS = ("net_config", "task", "module")  # bookkeeping older checkpoints kept in hyper_parameters
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's contents, loaded with ``weights_only=True``; clear errors for every failure."""
+    """The checkpoint's contents, loaded with ``weights_only=True`` after its integrity is verified; clear errors
+    for every failure."""
     path = Path(path)
     if not path.is_file():
-        raise MedidiffError("checkpoint not found", path)
+        raise MedidiffError("checkpoint not found" if not path.exists() else "is not a regular file", path)
     if path.stat().st_size == 0:
         raise MedidiffError("is an empty file, not a checkpoint", path)
+    verify_archive(path)
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -47,32 +52,54 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return content
 
 
+def verify_archive(path: Path) -> None:
+    """``torch.save`` writes a zip archive with a CRC-32 of every record, which ``torch.load`` never checks: a
+    damaged or altered weight loaded silently and changed every result. Check them all first."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError):
+        raise MedidiffError("is not a checkpoint (not a PyTorch zip archive written by torch.save)", path) from None
+    if damaged is not None:
+        raise MedidiffError(f"is damaged: the record {damaged.split('/', 1)[-1]} fails its checksum (the file "
+                            "changed after it was written); use an intact copy", path)
+
+
 def build_network(config: dict[str, Any], path: str | os.PathLike) -> torch.nn.Module:
-    """Instantiate ``{"class_path", "init_args"}`` if the class lives in an allowed module."""
+    """Instantiate ``{"class_path", "init_args"}``: one of :data:`NETWORKS`, with plain-data arguments of the
+    names medidiff writes (``net.config``) within bounds. Nothing in a checkpoint names a module, a URL or a
+    download flag: MONAI networks such as HoVerNet download weights while they are built."""
     config = config if isinstance(config, dict) else {}
     class_path = str(config.get("class_path", ""))
-    module_name, _, class_name = class_path.rpartition(".")
-    if not any(module_name == m or module_name.startswith(m + ".") for m in ALLOWED_NETWORK_MODULES):
-        raise MedidiffError(f"refused network class '{class_path}': only classes from "
-                            f"{', '.join(ALLOWED_NETWORK_MODULES)} are built from checkpoints", path)
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name, None)
-    except ImportError:
-        cls = None
-    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
-        raise MedidiffError(f"network class '{class_path}' does not exist", path)
+    cls = NETWORKS.get(class_path)
+    if cls is None:
+        raise MedidiffError(f"refused network class '{class_path[:100]}': checkpoints are rebuilt only with "
+                            f"{', '.join(NETWORKS)}", path)
     init_args = config.get("init_args", {})
+    if not isinstance(init_args, dict):
+        raise MedidiffError(f"network settings of {class_path} are not a mapping", path)
+    check_arguments(parameters(cls), init_args, path, "network setting")
     try:
         return cls(**init_args)
     except (TypeError, ValueError, AssertionError) as err:
         raise MedidiffError(f"network settings do not fit {class_path} ({str(err)[:300]})", path) from None
 
 
+def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """:func:`read_checkpoint` of a checkpoint Lightning can resume: one written by ``medidiff fit``."""
+    content = read_checkpoint(path)
+    if "pytorch-lightning_version" not in content:
+        raise MedidiffError("is an inference checkpoint (weights and settings only, as medidiff export writes): it "
+                            "holds no training state to resume; give a checkpoint written by medidiff fit", path)
+    return content
+
+
 class SafeCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO with every load through :func:`read_checkpoint` (``weights_only`` ignored)."""
+    """Lightning's checkpoint IO with every load through :func:`read_training_checkpoint` (``weights_only``
+    ignored)."""
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        return read_checkpoint(path)
+        return read_training_checkpoint(path)
 
 
 def checkpoint_record(content: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
@@ -104,23 +131,24 @@ def load_module(path: str | os.PathLike, *, task: str | None = None, spatial_dim
         ``module.contract`` the model-input contract (:mod:`medidiff.inference.contract`; rebuilt from the card
         for checkpoints that predate contracts).
     """
+    from medidiff.data.cards import TASKS
+    from medidiff.inference.contract import check_contract
     from medidiff.lit import MODULES
 
     content = read_checkpoint(path)
     record = checkpoint_record(content, path)
     module_name = record.get("module")
-    if module_name not in MODULES:
+    if not isinstance(module_name, str) or module_name not in MODULES:
         raise MedidiffError(f"names no known medidiff module (module={module_name!r})", path)
     if task is not None and record.get("task") != task:
         raise MedidiffError(f"is a {record.get('task')} checkpoint, not a {task} one", path)
     net = build_network(record.get("net_config", {}), path)
     if spatial_dims is not None and getattr(net, "spatial_dims", spatial_dims) != spatial_dims:
         raise MedidiffError(f"holds a {net.spatial_dims}D network but the input is {spatial_dims}D", path)
-    options = {k: v for k, v in content["hyper_parameters"].items()
-               if not k.startswith("_") and k not in LEGACY_RECORD_KEYS}
+    options = module_settings(content["hyper_parameters"], MODULES[module_name], path)
     try:
         module = MODULES[module_name](net=net, **options)
-    except (TypeError, ValueError) as err:  # a setting this version does not know, or a bad value
+    except (TypeError, ValueError) as err:  # a combination of settings the module refuses
         raise MedidiffError(f"settings do not fit {module_name} in this medidiff version ({str(err)[:300]})",
                             path) from None
     # the denoiser used to be stored beside the network: the very same weights, kept once now
@@ -137,9 +165,39 @@ def load_module(path: str | os.PathLike, *, task: str | None = None, spatial_dim
     if broken:
         raise MedidiffError(f"holds NaN or infinite weights ({', '.join(broken[:3])}); the training diverged or the "
                             "file is damaged", path)
-    data_hparams = dict(content.get("datamodule_hyper_parameters", {}))
+    data_hparams = data_settings(content.get("datamodule_hyper_parameters", {}), path)
     module.contract = record.get("contract") or _legacy_contract(data_hparams, module, path)
+    if module.contract is not None:
+        check_contract(module.contract, path, TASKS)
     return module.eval(), data_hparams
+
+
+def data_settings(hparams: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """The data module's settings recorded in a checkpoint (rebuilt by ``export --refresh-contract``), checked."""
+    from medidiff.data.datamodule import MedicalDataModule
+
+    if not isinstance(hparams, dict):
+        raise MedidiffError("its data settings are not a mapping", path)
+    settings = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+    check_arguments(parameters(MedicalDataModule), settings, path, "data setting")
+    return settings
+
+
+# settings that name files to read: used once when training starts, never when a checkpoint is loaded
+FILE_SETTINGS = ("teacher_ckpt", "predictor_ckpt")
+
+
+def module_settings(hparams: dict[str, Any], cls: type, path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's hyperparameters as constructor arguments of ``cls``, each checked against its type and
+    bounds; settings that would make medidiff read another file are refused."""
+    options = {k: v for k, v in hparams.items() if not str(k).startswith("_") and k not in LEGACY_RECORD_KEYS}
+    for key in FILE_SETTINGS:
+        if options.get(key) is not None:
+            raise MedidiffError(f"names a file to load ({key}={str(options[key])[:100]!r}); a checkpoint never makes "
+                                "medidiff read other files", path)
+    accepted = {name: kind for name, kind in parameters(cls).items() if name != "net"}
+    check_arguments(accepted, options, path)
+    return options
 
 
 def _legacy_contract(data_hparams: dict[str, Any], module: Any, path: str | os.PathLike) -> dict[str, Any] | None:

@@ -14,9 +14,6 @@ from typing import Sequence
 from medidiff.errors import MedidiffError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-# What DiffusionModule records in its hyperparameters beside its arguments (how to rebuild the network, which
-# task and class wrote the checkpoint): read by medidiff.checkpoint, never arguments themselves.
-BOOKKEEPING_HPARAMS = ("net_config", "task", "module")
 
 
 def run_lightning(argv: Sequence[str]) -> None:
@@ -80,7 +77,7 @@ def _cli_class():
 
     from lightning.pytorch.cli import LightningCLI
 
-    from medidiff.checkpoint import read_checkpoint
+    from medidiff.checkpoint import read_training_checkpoint
 
     class MedidiffCLI(LightningCLI):
         def before_instantiate_classes(self) -> None:
@@ -123,22 +120,14 @@ def _cli_class():
             return super().instantiate_trainer(**kwargs, plugins=[*plugins, SafeCheckpointIO()])
 
         def _parse_ckpt_path(self) -> None:
-            """Lightning feeds a checkpoint's hyperparameters back as model arguments before resuming. Load the
-            file through :func:`read_checkpoint` (weights only; a missing, foreign or code-carrying file is a
-            MedidiffError) and leave medidiff's bookkeeping entries out of the arguments."""
+            """Lightning feeds a checkpoint's hyperparameters back as model arguments before resuming, and
+            jsonargparse imports any ``class_path`` among them. The configuration alone says what to build:
+            resuming reads weights and optimizer state only. A given file is checked now (readable, intact, no
+            pickled code), so that a bad one is one line before anything is built."""
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if not ckpt_path or ckpt_path in ("best", "last", "hpc", "registry"):  # Lightning's own lookups
-                return super()._parse_ckpt_path()
-            hparams = dict(read_checkpoint(Path(ckpt_path))["hyper_parameters"])
-            for key in ("_instantiator", *BOOKKEEPING_HPARAMS):
-                hparams.pop(key, None)
-            if not hparams:
-                return None
-            if "_class_path" in hparams:
-                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
-            self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
-            return None
+            if ckpt_path and ckpt_path not in ("best", "last", "hpc", "registry"):  # Lightning's own lookups
+                read_training_checkpoint(Path(ckpt_path))
 
     return MedidiffCLI
 

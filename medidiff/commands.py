@@ -76,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pairs", type=Path,
                           help="CSV with a header naming pred,ref[,region] (fusion pred,source_a,source_b) and one "
                                "row per case, instead of folders paired by case name")
-    evaluate.add_argument("--card", help="data card of the references: label names and remap, intensity range")
+    evaluate.add_argument("--card", help="data card of the references (a name or a card file): label names and how "
+                                         "their files are read (channel, threshold, remap), intensity range")
+    evaluate.add_argument("--by-value", action="store_true",
+                          help="segmentation: compare the stored integers as they are, even where the predictions' "
+                               "labels.json names their classes (recorded in the results)")
     evaluate.add_argument("--region", type=Path, help="region mask(s) (e.g. DRIVE field of view): file or folder")
     evaluate.add_argument("--source-a", type=Path, help="fusion: first source (file or folder)")
     evaluate.add_argument("--source-b", type=Path, help="fusion: second source (file or folder)")
@@ -215,16 +219,17 @@ def _check_infer_options(args: argparse.Namespace) -> None:
     """Refuse bad options before any model is loaded or file written."""
     import torch
 
+    from medidiff.arguments import MAX_ENSEMBLE, MAX_STEPS
     from medidiff.core import SAMPLERS
 
     if args.sampler is not None and args.sampler not in SAMPLERS:
         raise MedidiffError(f"--sampler {args.sampler!r} is unknown; choose one of {', '.join(sorted(SAMPLERS))}")
     if args.flips != 1 and args.task != "segmentation":
         raise MedidiffError(f"--flips applies to segmentation, not {args.task}")
-    for option in ("steps", "ensemble", "flips"):
+    for option, most in (("steps", MAX_STEPS), ("ensemble", MAX_ENSEMBLE), ("flips", 8)):
         value = getattr(args, option)
-        if value is not None and value < 1:
-            raise MedidiffError(f"--{option} must be at least 1, got {value}")
+        if value is not None and not 1 <= value <= most:
+            raise MedidiffError(f"--{option} must be at least 1 and at most {most}, got {value}")
     if not 0 <= args.seed < 2**63:
         raise MedidiffError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.no_consistency and args.task not in ("restoration", "superres"):
@@ -248,6 +253,9 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     if args.pairs is None and args.pred is None:
         raise MedidiffError("give the predictions with --pred (a file or folder) or a --pairs file")
+    if args.by_value and args.task != "segmentation":
+        raise MedidiffError(f"--by-value applies to segmentation, not {args.task}")
+    E.check_nsd_tolerance(args.nsd_tolerance)  # options first: before the card or any file is read
     if args.task == "fusion":
         if args.pairs is None and not (args.source_a and args.source_b):
             raise MedidiffError("fusion evaluation needs --source-a and --source-b (or a --pairs file)")
@@ -255,12 +263,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     elif args.ref is None and args.pairs is None:
         raise MedidiffError(f"{args.task} evaluation needs --ref (or a --pairs file)")
     elif args.task == "segmentation":
-        labels, remap, others = _card_labels(args.card)
-        result = E.evaluate_segmentation(args.pred, args.ref, labels=labels, region_dir=args.region,
-                                         label_remap=remap, reference_others=others,
-                                         pred_labels=E.prediction_labels(args.pred), uncertainty=args.uncertainty,
-                                         raters=args.rater, nsd_tolerance=args.nsd_tolerance,
-                                         pairs=args.pairs, out_json=args.out)
+        result = E.evaluate_segmentation(args.pred, args.ref, card=_card_labels(args.card), region_dir=args.region,
+                                         pred_labels=E.prediction_labels(args.pred), by_value=args.by_value,
+                                         uncertainty=args.uncertainty, raters=args.rater,
+                                         nsd_tolerance=args.nsd_tolerance, pairs=args.pairs, out_json=args.out)
     else:
         data_range = args.data_range if args.data_range is not None else _card_range(args.card)
         result = E.evaluate_image(args.pred, args.ref, data_range=data_range, pairs=args.pairs, out_json=args.out)
@@ -269,16 +275,18 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"per-case results: {args.out}")
 
 
-def _card_labels(card_name: str | None) -> tuple[dict[str, int] | None, dict[int, int] | None, int | None]:
-    """Foreground classes of the references, the remap of their stored values and the class of unlisted ones."""
+def _card_labels(card_name: str | None):
+    """The references' card (a name or a card file; its data need not be present), which names their classes and
+    says how their files are read; None without --card."""
     if card_name is None:
-        return None, None, None
+        return None
     from medidiff.data.cards import load_card
 
     card = load_card(card_name, check_files=False)
-    # foreground classes only: a background Dice near 1 would inflate every mean
-    foreground = {name: value for name, value in card.labels.items() if value != 0}
-    return foreground, dict(card.label_remap) if card.label_remap else None, card.label_others
+    if not card.labels:
+        raise MedidiffError("names no labels, so it cannot say what the references' values are; segmentation "
+                            "evaluation needs a card with labels", card.path)
+    return card
 
 
 def _card_range(card_name: str | None) -> float | None:

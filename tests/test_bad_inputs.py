@@ -290,10 +290,10 @@ def test_infer_refuses_a_checkpoint_of_another_task(tiny_3d_checkpoint, tmp_path
 @pytest.mark.parametrize(
     ("edit", "fragments"),
     [
-        (lambda c: c["hyper_parameters"].update(warp_speed=9), ["settings do not fit SegmentationDiffusion",
-                                                                 "warp_speed"]),
+        (lambda c: c["hyper_parameters"].update(warp_speed=9), ["setting 'warp_speed'", "does not know"]),
         (lambda c: c["medidiff"]["net_config"].update(class_path="os.system"), ["refused network class 'os.system'"]),
-        (lambda c: c["medidiff"]["net_config"]["init_args"].update(channels="many"), ["network settings do not fit"]),
+        (lambda c: c["medidiff"]["net_config"]["init_args"].update(channels="many"),
+         ["network setting channels='many'", "not a valid"]),
     ],
     ids=["unknown setting", "network outside the allow-list", "bad network settings"],
 )

@@ -222,10 +222,6 @@ def _first_sentence(text: str, limit: int = 160) -> str:
     return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + " ..."
 
 
-def _ordinal(level: str) -> str:
-    return {"1": "1st", "99": "99th"}[level]
-
-
 def _channel(index: int, measured: dict) -> str:
     return f" (channel {index})" if len(measured["quantiles"]["1"]) > 1 else ""
 
@@ -267,3 +263,114 @@ def legacy_contract(data_hparams: dict[str, Any], module: Any) -> dict[str, Any]
     if not files_exist:
         view.hparams.limit_cases = 0  # no training files here: a contract without intensity profile
     return build_contract(view, module) | {"rebuilt_from_card": True}
+
+
+# ------------------------------------------------------------------------------------- validation
+
+_AXES = ("LR", "PA", "IS")  # orientation letters: one of each pair
+_NORMALISE_FIELDS = {"window": ("low", "high"), "percentile": ("lower", "upper"), "auto": ()}
+
+
+def check_contract(contract: Any, path: Path | str, tasks: Iterable[str]) -> None:
+    """Refuse a contract read from a checkpoint whose fields would mislead or break inference, naming the first
+    bad field: it is as untrusted as the file it came from."""
+    need = _Checker(path)
+    need(isinstance(contract, dict), "contract", contract, "a mapping")
+    need(contract.get("task") in tuple(tasks), "task", contract.get("task"), f"one of {', '.join(tasks)}")
+    for key in ("spatial_dims", "data_dims"):
+        need(contract.get(key) in (2, 3), key, contract.get(key), "2 or 3")
+    need(_int(contract.get("slice_axis"), 0, 2), "slice_axis", contract.get("slice_axis"), "0, 1 or 2")
+    patch = contract.get("patch_size")
+    need(patch is None or _ints(patch, 1, 4096), "patch_size", patch, "null or sizes of 1..4096 voxels")
+    inputs = contract.get("inputs")
+    need(isinstance(inputs, dict) and inputs and all(isinstance(k, str) for k in inputs), "inputs", inputs,
+         "a mapping of input names to entries")
+    for role, entry in inputs.items():
+        _check_entry(need, f"inputs.{role}", entry)
+    labels = contract.get("labels")
+    need(isinstance(labels, dict) and all(isinstance(k, str) and _int(v, 0, 999) for k, v in labels.items()),
+         "labels", labels, "a mapping of class names to ids 0..999")
+    spacing = contract.get("spacing")
+    need(spacing is None or (_numbers(spacing) and len(spacing) in (2, 3) and min(spacing) > 0), "spacing",
+         spacing, "null or 2-3 positive voxel sizes")
+    orientation = contract.get("orientation")
+    need(_orientation(orientation), "orientation", orientation, "axis codes such as RAS (one of L/R, A/P, S/I each)")
+    factors = contract.get("factors")
+    need(factors is None or _ints(factors, 1, 16), "factors", factors, "null or factors of 1..16")
+    for key in ("degradation", "sampling", "card"):
+        value = contract.get(key)
+        need(value is None or (isinstance(value, dict) and _plain(value)), key, value, "null or a mapping")
+
+
+def _check_entry(need: Any, field: str, entry: Any) -> None:
+    need(isinstance(entry, dict), field, entry, "a mapping")
+    channels, use = entry.get("channels"), entry.get("use")
+    need(_strings(channels), f"{field}.channels", channels, "a list of channel names")
+    need(_strings(use) and set(use) <= set(channels), f"{field}.use", use, f"names among {channels}")
+    need(entry.get("modality") is None or isinstance(entry.get("modality"), str), f"{field}.modality",
+         entry.get("modality"), "null or text")
+    norm = entry.get("normalise")
+    method = norm.get("method") if isinstance(norm, dict) else None
+    need(method in _NORMALISE_FIELDS, f"{field}.normalise", norm, "a window (low, high) or percentiles (lower, upper)")
+    bounds = [norm.get(key) for key in _NORMALISE_FIELDS[method]]
+    need(_numbers(bounds) and (not bounds or bounds[0] < bounds[1]), f"{field}.normalise", norm,
+         f"a {method} with finite {' < '.join(_NORMALISE_FIELDS[method])}")
+    need(method != "percentile" or (0 <= bounds[0] and bounds[1] <= 100), f"{field}.normalise", norm,
+         "percentiles within 0..100")
+    profile = entry.get("profile")
+    if profile is not None:
+        _check_profile(need, f"{field}.profile", profile, len(use), method)
+
+
+def _check_profile(need: Any, field: str, profile: Any, channels: int, method: str) -> None:
+    quantiles = profile.get("quantiles") if isinstance(profile, dict) else None
+    levels = [f"{q:g}" for q in PROFILE_QUANTILES]
+    need(isinstance(quantiles, dict) and all(_numbers(quantiles.get(q), channels) for q in levels),
+         f"{field}.quantiles", quantiles, f"{channels} finite value(s) at each of the quantiles {', '.join(levels)}")
+    shares = ("clipped_low", "clipped_high") if method == "window" else ("zero_position",)
+    for key in shares if method != "auto" else ():
+        need(_numbers(profile.get(key), channels), f"{field}.{key}", profile.get(key), f"{channels} finite value(s)")
+
+
+class _Checker:
+    def __init__(self, path: Path | str):
+        self.path = path
+
+    def __call__(self, ok: bool, field: str, value: Any, expected: str) -> None:
+        if not ok:
+            shown = repr(value)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise MedidiffError(f"its model-input contract is damaged: {field} is {shown}, expected {expected}",
+                                self.path)
+
+
+def _int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _ints(values: Any, low: int, high: int) -> bool:
+    return isinstance(values, list) and bool(values) and all(_int(v, low, high) for v in values)
+
+
+def _numbers(values: Any, count: int | None = None) -> bool:
+    import math
+
+    return isinstance(values, list) and (count is None or len(values) == count) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _strings(values: Any) -> bool:
+    return isinstance(values, list) and bool(values) and all(isinstance(v, str) and v for v in values)
+
+
+def _orientation(code: Any) -> bool:
+    if not isinstance(code, str) or len(code) not in (2, 3):
+        return False
+    pairs = [next((i for i, pair in enumerate(_AXES) if letter in pair), None) for letter in code]
+    return None not in pairs and len(set(pairs)) == len(pairs)
+
+
+def _plain(value: Any) -> bool:
+    from medidiff.arguments import fits
+
+    return fits(value, dict[str, Any])

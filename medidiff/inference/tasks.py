@@ -357,14 +357,15 @@ def _check_sampling(options: SamplingOptions, module: Any, checkpoint: str | Pat
     """Sampler settings taken from a checkpoint are as untrusted as the file."""
     from typing import get_args
 
+    from medidiff.arguments import MAX_STEPS
     from medidiff.core import SAMPLERS
     from medidiff.core.denoiser import SigmaGrid
 
     if options.sampler not in SAMPLERS:
         raise MedidiffError(f"names an unknown sampler {options.sampler!r}; give one with --sampler", checkpoint)
-    if isinstance(options.steps, bool) or not isinstance(options.steps, int) or options.steps < 1:
-        raise MedidiffError(f"sets sampler steps to {options.steps!r}; give a number of steps with --steps",
-                            checkpoint)
+    if isinstance(options.steps, bool) or not isinstance(options.steps, int) or not 1 <= options.steps <= MAX_STEPS:
+        raise MedidiffError(f"sets sampler steps to {options.steps!r} (1..{MAX_STEPS}); give a number of steps with "
+                            "--steps", checkpoint)
     if isinstance(options.grid, str):
         if options.grid not in get_args(SigmaGrid):
             raise MedidiffError(f"names an unknown sigma grid {options.grid!r}; give one with --grid", checkpoint)

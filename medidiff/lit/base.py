@@ -66,6 +66,10 @@ class MedidiffModule:
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record = checkpoint.get("medidiff") or {}
+        saved, mine = record.get("net_config"), net_config(self.net)
+        if saved and saved != mine:  # resuming builds from the configuration, never from the checkpoint
+            raise MedidiffError(f"the checkpoint holds the network {saved}, the configuration builds {mine}; resume "
+                                "with the configuration the checkpoint was trained with")
         self.contract = record.get("contract")
         # checkpoints written before the network was registered once hold its weights twice
         state = checkpoint.get("state_dict", {})
