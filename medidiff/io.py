@@ -12,8 +12,10 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import re
+import stat
 import tempfile
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +34,8 @@ __all__ = ["read", "write", "write_png", "write_json", "atomic_write", "check_pa
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 IMAGE_2D_SUFFIXES = (".png", ".tif", ".tiff", ".gif", ".jpg", ".jpeg", ".bmp")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+_COLOUR_MODES = ("RGB", "RGBA", "CMYK", "YCbCr", "P", "LA", "PA")
+BUDGET_VARIABLE = "MEDIDIFF_MAX_IMAGE_BYTES"
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # Deflate cannot compress more than 1032:1, so a .nii.gz header claiming more voxel bytes than that is lying.
 _MAX_DEFLATE_RATIO = 1032
@@ -65,6 +69,8 @@ def read(
     path = Path(path)
     if not path.exists():
         raise MedidiffError("file not found", path)
+    if special := _special_kind(path):
+        raise MedidiffError(f"is not a regular file ({special}); medidiff reads image files and DICOM folders", path)
     array, affine, extra = _read_any(path, kind)
     if array.size == 0:
         raise MedidiffError(f"holds no voxels (array shape {array.shape})", path)
@@ -83,6 +89,42 @@ def source_path(reference: Any) -> Path | None:
     return Path(name) if isinstance(name, (str, os.PathLike)) and str(name) else None
 
 
+def _special_kind(path: Path) -> str | None:
+    """"a FIFO", "a device" or "a socket" for what is neither a regular file nor a folder: opening a FIFO blocks
+    until something writes to it, so this is asked of the entry itself, before anything opens it."""
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+
+
+def _memory_budget() -> int:
+    """Bytes one image may take as float32: ``$MEDIDIFF_MAX_IMAGE_BYTES``, else a quarter of the physical memory
+    (an image is copied a few times on its way through preprocessing and the network)."""
+    value = os.environ.get(BUDGET_VARIABLE, "").strip()
+    if not value:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    try:
+        budget = int(float(value))
+    except (ValueError, OverflowError):
+        budget = 0
+    if budget <= 0:
+        raise MedidiffError(f"{BUDGET_VARIABLE}={value!r} is not a positive number of bytes")
+    return budget
+
+
+def _check_memory_budget(path: Path, shape: tuple[int, ...], channels: int = 1) -> None:
+    """Refuse an image larger than the budget from its declared size, before any voxel is allocated: a small file
+    can declare far more (zeros deflate 1000:1), and running out of memory midway is a crash, not a message."""
+    shape = tuple(int(n) for n in shape)
+    needed, budget = math.prod(shape) * max(int(channels), 1) * 4, _memory_budget()
+    if needed > budget:
+        many = f" x {channels} channels" if channels > 1 else ""
+        raise MedidiffError(f"declares {shape} voxels{many} ({needed / 1e9:.3g} GB as float32), more than the memory "
+                            f"budget of {budget / 1e9:.3g} GB per image (a quarter of this machine's memory unless "
+                            f"{BUDGET_VARIABLE} sets it, in bytes)", path)
+
+
 def _read_any(path: Path, kind: str = "image") -> tuple[np.ndarray, np.ndarray, dict]:
     """Dispatch on the file type; returns (array in file axis order, 4x4 RAS affine, extra meta)."""
     name = path.name.lower()
@@ -93,7 +135,7 @@ def _read_any(path: Path, kind: str = "image") -> tuple[np.ndarray, np.ndarray, 
     elif name.endswith(IMAGE_2D_SUFFIXES):
         decode = lambda p: (_read_2d(p, kind == "label"), np.eye(4), {"spacing_known": False})  # noqa: E731
     elif name.endswith(ITK_SUFFIXES) or name.endswith(".dcm"):
-        decode = lambda p: _read_itk(sitk.ReadImage(str(p)))  # noqa: E731
+        decode = _read_itk_file
     else:
         raise MedidiffError(f"unknown file type; expected one of {NIFTI_SUFFIXES + IMAGE_2D_SUFFIXES + ITK_SUFFIXES}"
                             " or a DICOM folder", path)
@@ -132,6 +174,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise MedidiffError(f"cannot be read, the file looks corrupt or truncated: its header claims "
                             f"{tuple(shape)} voxels of {dtype} ({claimed} bytes) but the file holds {size} bytes"
                             f"{' compressed' if compressed else ''}", path)
+    _check_memory_budget(path, shape)
     if compressed:
         # decompress the whole stream so that gzip checks its CRC: nibabel reads only the bytes the header asks
         # for and never reaches the checksum, so flipped bytes inside the data came back as silent garbage
@@ -159,9 +202,11 @@ def _read_2d(path: Path, label: bool = False) -> np.ndarray:
     label map in a palette of colours gives its palette indices: the index is the class, the colour only shows it
     (DRIVE's second-observer masks are indices 0/1 drawn as (4, 2, 4) and (252, 254, 252)).
     """
-    with Image.open(path) as img:
+    with _open_2d(path) as img:
+        _refuse_frames(img, path)
+        _check_memory_budget(path, img.size[::-1], 3 if img.mode in _COLOUR_MODES else 1)
         img.load()
-        if img.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "P", "LA", "PA"):
+        if img.mode in _COLOUR_MODES:
             rgb = np.asarray(img.convert("RGB"))
             grey = (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all()
             if label and img.mode == "P" and not grey:
@@ -170,7 +215,32 @@ def _read_2d(path: Path, label: bool = False) -> np.ndarray:
         return np.asarray(img.convert("F") if img.mode == "F" else img)
 
 
+def _open_2d(path: Path) -> Image.Image:
+    """Pillow's image, header only; its decompression-bomb guard (a warning above ``Image.MAX_IMAGE_PIXELS``, an
+    error above twice that) as one error instead of a warning or a "corrupt" file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            raise MedidiffError(f"is refused as a possible decompression bomb ({err}); medidiff reads 2D images of "
+                                f"up to {Image.MAX_IMAGE_PIXELS} pixels", path) from None
+
+
+def _refuse_frames(img: Image.Image, path: Path) -> None:
+    """Only the first frame would be read, silently: which one was meant cannot be guessed."""
+    count = getattr(img, "n_frames", 1)
+    if count > 1:
+        what = {"TIFF": "a multi-page TIFF", "GIF": "an animated GIF"}.get(img.format, f"a multi-frame {img.format}")
+        raise MedidiffError(f"holds {count} frames ({what}); medidiff reads single-frame images: save the frame you "
+                            "mean as its own file", path)
+
+
 def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    for entry in sorted(folder.iterdir()):
+        if _special_kind(entry):  # GDCM finds no series at all in a folder holding one
+            raise MedidiffError(f"is not a regular file ({_special_kind(entry)}) but sits in the DICOM series folder "
+                                f"{folder}; move it out", entry)
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
@@ -182,6 +252,7 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         raise MedidiffError(f"holds {len(file_lists)} DICOM series ({sizes}); put each series in a folder of its "
                             "own", folder)
     files = file_lists[0]
+    _check_slice_sizes(files, folder)
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
     reader.LoadPrivateTagsOff()
@@ -201,6 +272,30 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, np.ndarray, dict]:
         extra["modality"] = reader.GetMetaData(0, "0008|0060").strip()
     extra["dicom_files"] = len(files)
     return array, affine, extra
+
+
+def _check_slice_sizes(files: list[str], folder: Path) -> None:
+    """From the headers, before any pixel is read: every slice the size of the others (GDCM files a scout or a
+    slice of another scan with the same series UID into the series, then fails to stack it), and the volume
+    within the memory budget."""
+    sizes = [_dicom_header_size(file) for file in files]
+    (columns, rows, _, components), _ = Counter(sizes).most_common(1)[0]
+    for file, size in zip(files, sizes):
+        if size[:2] != (columns, rows):
+            raise MedidiffError(f"is {size[0]} x {size[1]} where the other slices of the series are {columns} x "
+                                f"{rows}; it belongs to another scan (or is a scout): move it out of {folder}", file)
+    _check_memory_budget(folder, (columns, rows, sum(size[2] for size in sizes)), components)
+
+
+def _dicom_header_size(file: str) -> tuple[int, int, int, int]:
+    """(columns, rows, frames, components) of a DICOM file, from its header alone."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as err:
+        raise MedidiffError("cannot be read, the DICOM slice looks corrupt or truncated", file) from err
+    return (*reader.GetSize(), 1)[:3] + (reader.GetNumberOfComponents(),)
 
 
 def is_dicom_folder(path: str | os.PathLike, probe: int = 8) -> bool:
@@ -255,6 +350,14 @@ def _check_slice_spacing(reader: sitk.ImageSeriesReader, files: list[str], image
         first, second = Path(files[worst]).name, Path(files[worst + 1]).name
         raise MedidiffError(f"DICOM slices are not evenly spaced: {abs(steps[worst]):.3g} mm between {first} and "
                             f"{second} where {abs(usual):.3g} mm is usual; a slice is missing or unreadable", folder)
+
+
+def _read_itk_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # the header alone: the size, checked before the pixels are allocated
+    _check_memory_budget(path, reader.GetSize(), reader.GetNumberOfComponents())
+    return _read_itk(reader.Execute())
 
 
 def _read_itk(img: sitk.Image) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -383,13 +486,13 @@ def write(
     data = np.asarray(array.detach().cpu() if isinstance(array, torch.Tensor) else array)
     affine, ref_shape = _reference_geometry(reference)
     data = _drop_channel_axis(data, ref_shape, resampled=spacing is not None, path=path)
+    (qform, qform_code), (sform, sform_code) = _reference_forms(reference, affine)
     if spacing is not None:
-        affine = respaced_affine(affine, spacing)
+        affine, qform, sform = (None if a is None else respaced_affine(a, spacing) for a in (affine, qform, sform))
     data = data.astype(np.float32) if not np.issubdtype(data.dtype, np.integer) else _small_int(data)
     image = nib.Nifti1Image(data, affine)
-    qform_code, sform_code = _header_codes(reference)
-    image.set_qform(affine, code=qform_code)
-    image.set_sform(affine, code=sform_code)
+    image.set_qform(qform, code=qform_code)
+    image.set_sform(sform, code=sform_code)
     atomic_write(path, lambda tmp: nib.save(image, tmp))
     return path
 
@@ -500,6 +603,28 @@ def _reference_geometry(reference: Any) -> tuple[np.ndarray, tuple[int, ...] | N
     return (np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)), shape
 
 
+def _reference_forms(reference: Any, affine: np.ndarray) -> tuple[tuple[np.ndarray | None, int], ...]:
+    """``((qform, code), (sform, code))`` to write: a NIfTI reference's own two, each kept, since they may differ
+    (ITK-based tools place a scan by its qform, nibabel and MONAI by its sform); otherwise ``affine`` as both."""
+    header = _nifti_header(reference, affine)
+    if header is None:
+        return tuple((affine, code) for code in _header_codes(reference))
+    return tuple((form, int(code)) for form, code in (header.get_qform(coded=True), header.get_sform(coded=True)))
+
+
+def _nifti_header(reference: Any, affine: np.ndarray) -> Any:
+    """The header of the NIfTI file ``reference`` is or was read from, unless its geometry has changed since
+    (reoriented or resampled: the file's forms no longer place it)."""
+    path = source_path(reference)
+    if path is None or not path.name.lower().endswith(NIFTI_SUFFIXES) or not path.is_file():
+        return None
+    header = nib.load(str(path)).header
+    if isinstance(reference, (str, os.PathLike)):
+        return header
+    same = affine.shape == (4, 4) and np.allclose(header.get_best_affine(), affine, atol=1e-4)
+    return header if same else None
+
+
 def _header_codes(reference: Any) -> tuple[int, int]:
     """The qform and sform codes of a NIfTI reference (file or MetaTensor read from one), so outputs keep them;
     otherwise 1 and 1 (both forms "scanner", so ITK-based viewers agree)."""
@@ -532,8 +657,9 @@ def _refuse_overwrite(path: Path, source: Path | None) -> None:
 
 def atomic_write(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
     """Write a file through a temporary file in the same folder, then rename: readers never see half a file,
-    an interrupted write leaves none (a killed process can leave a hidden ``.<name>.*`` temporary), and the
-    file gets the permissions of any new file (the umask), not the temporary's 0600.
+    an interrupted write leaves none (a killed process can leave a ``.medidiff-partial-<name>.*`` temporary, which
+    :func:`clear_partial_writes` removes), and the file gets the permissions of any new file (the umask), not the
+    temporary's 0600.
 
     Args:
         path: the file to write; missing parent folders are created.
@@ -548,7 +674,7 @@ def atomic_write(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
         raise MedidiffError(f"the output folder {path.parent} is not writable", path)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_PARTIAL_PREFIX}{path.name[:120]}.", suffix=suffix, dir=path.parent)
     except OSError as err:
         raise MedidiffError(f"output folder is not writable ({err.strerror})", path.parent) from None
     os.close(fd)
@@ -565,16 +691,16 @@ def atomic_write(path: str | os.PathLike, save: Callable[[str], None]) -> Path:
     return path
 
 
-_PARTIAL = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}(?P<suffix>\.nii\.gz|\.[A-Za-z0-9]+)$")
+# A prefix of medidiff's own: a pattern like ``.<name>.<8 characters><suffix>`` also matched users' hidden files.
+_PARTIAL_PREFIX = ".medidiff-partial-"
 
 
 def clear_partial_writes(folder: str | os.PathLike) -> list[Path]:
-    """Remove what :func:`atomic_write` leaves when its process is killed (``kill -9``, power loss): hidden
-    ``.<name>.<8 random characters><suffix>`` temporaries below ``folder``; other hidden files are kept."""
+    """Remove what :func:`atomic_write` leaves when its process is killed (``kill -9``, power loss):
+    ``.medidiff-partial-<name>.<8 random characters><suffix>`` temporaries anywhere below ``folder``."""
     removed = []
-    for path in Path(folder).rglob(".*"):
-        match = _PARTIAL.match(path.name)
-        if path.is_file() and match and match["name"].endswith(match["suffix"]):
+    for path in Path(folder).rglob(f"{_PARTIAL_PREFIX}*"):
+        if path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
