@@ -295,7 +295,11 @@ def _card_range(card_name: str | None) -> float | None:
         return None
     from medidiff.data.cards import load_card
 
-    norm = load_card(card_name, check_files=False).inputs["image"].normalise
+    card = load_card(card_name, check_files=False)
+    if "image" not in card.inputs:  # a fusion card names source_a / source_b: no single image scale
+        raise MedidiffError(f"has no 'image' input (its inputs: {', '.join(card.inputs)}), so it gives no intensity "
+                            "range; give --data-range", card.path)
+    norm = card.inputs["image"].normalise
     return float(norm["high"]) - float(norm["low"]) if norm["method"] == "window" else None
 
 

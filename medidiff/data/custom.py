@@ -11,14 +11,13 @@ import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
 
 from medidiff import io
 from medidiff.data.cards import DataCard
-from medidiff.errors import MedidiffError
+from medidiff.data.labels import read_stored, to_classes
 
 # ITU-R BT.601 full-range RGB <-> YCbCr, for images in [0, 1].
 _RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
@@ -71,8 +70,10 @@ def case_seed(base_seed: int, data: Mapping) -> int:
 class LoadCased(MapTransform):
     """Read every file of a card's case with :func:`medidiff.io.read`, checked against the card.
 
-    Image keys (``card.inputs``) must have the card's channel count; ``label`` / ``fov`` are read as
-    label maps; any other key (e.g. probability maps for ``derive``) as single-channel images.
+    Image keys (``card.inputs``) must have the card's channel count; ``label`` is read as the card's stored label
+    values (:func:`medidiff.data.labels.read_stored`: its ``label_channel`` of a colour mask; :class:`RemapLabelsd`
+    makes them classes), ``fov`` as a label map; any other key (e.g. probability maps for ``derive``) as
+    single-channel images.
     """
 
     def __init__(self, card: DataCard, keys: Sequence[str], inputs: Mapping[str, Any] | None = None):
@@ -89,27 +90,12 @@ class LoadCased(MapTransform):
             channels = len(spec.channels) if spec else 1
             # Multi-channel volumes are 4D on disk, so only single-channel ones can be held to 3D.
             ndim = self.card.spatial_dims if channels == 1 or self.card.spatial_dims == 2 else None
-            if key == "label" and (self.card.label_channel is not None or self.card.label_threshold is not None):
-                d[key] = self._mask(d[key], ndim)
+            if key == "label":  # stored values, the card's channel; RemapLabelsd makes them classes
+                d[key] = read_stored(d[key], self.card, ndim)
                 continue
-            kind = "label" if key in ("label", "fov") else "image"
+            kind = "label" if key == "fov" else "image"
             d[key] = io.read(d[key], kind=kind, expected_ndim=ndim, channels=channels)
         return d
-
-    def _mask(self, path: str, ndim: int | None) -> MetaTensor:
-        """A mask stored as a (colour) image: the card's channel, thresholded to 0 / 1 when it says so."""
-        image = io.read(path, expected_ndim=ndim)
-        channel = self.card.label_channel or 0
-        if channel >= image.shape[0]:
-            raise MedidiffError(f"label_channel {channel} of the card {self.card.path.name}, but the mask has "
-                                f"{image.shape[0]} channel(s)", path)
-        mask = image[channel:channel + 1]
-        if self.card.label_threshold is not None:
-            return like(mask, (mask.as_tensor() > self.card.label_threshold).long())
-        if not torch.equal(mask.as_tensor(), mask.as_tensor().round()):
-            raise MedidiffError("is read as a label map but holds non-integer values (a JPEG mask? set "
-                                "label_threshold in the card)", path)
-        return like(mask, mask.as_tensor().long())
 
 
 class SelectChannelsd(MapTransform):
@@ -127,34 +113,24 @@ class SelectChannelsd(MapTransform):
 
 
 class RemapLabelsd(MapTransform):
-    """Map file label values to the card's contiguous classes; unknown values are a user error.
+    """Stored label values to the card's classes with :func:`medidiff.data.labels.to_classes` (threshold, or
+    ``label_remap`` / ``label_others``); values the card does not name are a user error naming the file.
 
     Args:
-        keys: label keys.
-        card: supplies ``label_remap`` (file value -> class), ``label_others`` (class for unlisted
-            values, or None to refuse them) and ``labels``.
+        keys: label keys, as :class:`LoadCased` read them.
+        card: the card whose label fields apply.
     """
 
     def __init__(self, keys: Sequence[str], card: DataCard):
         super().__init__(keys)
         self.card = card
-        remap = card.label_remap or {v: v for v in card.labels.values()}
-        self.values = np.array(sorted(remap), dtype=np.int64)
-        self.classes = np.array([remap[v] for v in self.values], dtype=np.int64)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             label = d[key]
-            array = label.detach().cpu().numpy().astype(np.int64)
-            pos = np.clip(np.searchsorted(self.values, array), 0, len(self.values) - 1)
-            known = self.values[pos] == array
-            if not known.all() and self.card.label_others is None:
-                bad = np.unique(array[~known])[:10].tolist()
-                raise MedidiffError(f"label value(s) {bad} are not in the card {self.card.path.name} "
-                                    f"(known values: {self.values.tolist()})", io.source_path(label))
-            out = np.where(known, self.classes[pos], self.card.label_others or 0)
-            d[key] = like(label, torch.from_numpy(out))
+            classes = to_classes(label.detach().cpu().numpy(), self.card, io.source_path(label))
+            d[key] = like(label, torch.from_numpy(classes))
         return d
 
 

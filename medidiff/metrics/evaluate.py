@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from medidiff.data.labels import LabelRules, Rules, describe, labels_file, match_by_name, prediction_labels, read_label
 from medidiff.errors import MedidiffError
 from medidiff.io import IMAGE_2D_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, read, reorient_like, write_json
 from medidiff.metrics.fusion import fusion_metrics
@@ -40,7 +41,8 @@ from medidiff.metrics.image import image_metrics
 from medidiff.metrics.segmentation import segmentation_metrics
 from medidiff.metrics.uncertainty import uncertainty_metrics
 
-__all__ = ["CASE_SUFFIXES", "case_name", "evaluate_segmentation", "evaluate_image", "evaluate_fusion"]
+__all__ = ["CASE_SUFFIXES", "case_name", "evaluate_segmentation", "evaluate_image", "evaluate_fusion",
+           "prediction_labels"]
 
 CASE_SUFFIXES = ("_seg", "_pred", "_prediction", "_label", "_labels", "_mask", "_gt", "_ref", "_fused",
                  "_fusion", "_manual1", "_manual2", "_test", "_training")
@@ -174,21 +176,23 @@ def _single_channel(images: Mapping[str, Any], paths: Mapping[str, Path], role: 
 def _run(
     task: str,
     folders: Mapping[str, str | os.PathLike],
-    kinds: Mapping[str, str],
+    kinds: Mapping[str, str | Callable[[Path], Any]],
     score: Callable[[dict[str, Any], dict[str, Path]], dict[str, float]],
     settings: dict[str, Any],
     suffixes: Sequence[str],
     out_json: str | os.PathLike | None,
     complete: Callable[[list[dict[str, Any]]], None] | None = None,
     pairs_file: str | os.PathLike | None = None,
+    reads: Sequence[Path] = (),
 ) -> dict[str, Any]:
-    """Pair, read, check geometry, score each case, complete the case rows, summarise, write."""
+    """Pair, read (``kinds``: "image", "label" or a reader of the role's files), check geometry, score each case,
+    complete the case rows, summarise, write. ``reads``: further files evaluation reads (never replaced)."""
     pairs = read_pairs(pairs_file, list(folders)) if pairs_file is not None else _pair(folders, suffixes)
     if out_json is not None:
-        _refuse_replacing_an_input(Path(out_json), pairs)
+        _check_out(Path(out_json), pairs, [*reads, *([Path(pairs_file)] if pairs_file is not None else [])])
     cases = []
     for name, paths in pairs:
-        images = {role: read(p, kind=kinds[role]) for role, p in paths.items()}
+        images = {role: _load(p, kinds[role]) for role, p in paths.items()}
         first = next(iter(paths))
         # the same voxels stored in another axis order are put in the first file's order (exact flips)
         reoriented = [role for role in images if images[role].meta["orientation"] != images[first].meta["orientation"]]
@@ -206,16 +210,37 @@ def _run(
         complete(cases)
     result = {"task": task, "settings": settings, "cases": cases, "summary": _summary(cases)}
     if out_json is not None:
-        _write_json(result, Path(out_json))
+        write_json(Path(out_json), result)  # atomically; _check_out allowed the file
     return result
 
 
-def _refuse_replacing_an_input(out_json: Path, pairs: list[tuple[str, dict[str, Path]]]) -> None:
+def _load(path: Path, kind: str | Callable[[Path], Any]) -> Any:
+    return kind(path) if callable(kind) else read(path, kind=kind)
+
+
+def _check_out(out_json: Path, pairs: list[tuple[str, dict[str, Path]]], reads: Sequence[Path]) -> None:
+    """``--out`` may replace only a missing file or an earlier evaluate result: never a file evaluation reads, nor
+    one it did not write (infer's labels.json and provenance beside the predictions, the user's own files)."""
     target = out_json.resolve()
-    for _, paths in pairs:
-        for path in paths.values():
-            if path.resolve() == target:
-                raise MedidiffError("the metrics file would replace an input file; choose another --out", out_json)
+    if any(path.resolve() == target for _, paths in pairs for path in paths.values()):
+        raise MedidiffError("the metrics file would replace an input file; choose another --out", out_json)
+    if any(Path(path).resolve() == target for path in reads):
+        raise MedidiffError("is a file evaluate reads (the predictions' class names or the pairs); choose another "
+                            "--out", out_json)
+    if out_json.is_dir():
+        raise MedidiffError("is a folder; --out names the JSON file to write", out_json)
+    if out_json.exists() and not _is_evaluate_result(out_json):
+        raise MedidiffError("exists and is not a medidiff evaluate result; choose another --out", out_json)
+
+
+def _is_evaluate_result(path: Path) -> bool:
+    try:
+        if path.stat().st_size > 2**30:  # far beyond any result; not worth reading to find out
+            return False
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        return False
+    return isinstance(found, dict) and {"task", "settings", "cases", "summary"} <= set(found)
 
 
 def _summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -236,21 +261,16 @@ def _summary(cases: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _write_json(result: dict[str, Any], path: Path) -> None:
-    if path.is_dir():
-        raise MedidiffError("is a folder; --out names the JSON file to write", path)
-    write_json(path, result)
-
-
 def evaluate_segmentation(
     pred_dir: str | os.PathLike | None,
     ref_dir: str | os.PathLike | None,
     *,
     labels: dict[str, int] | None = None,
+    card: Rules | None = None,
     region_dir: str | os.PathLike | None = None,
     label_remap: Mapping[int, int] | None = None,
     pred_labels: Mapping[str, int] | None = None,
-    reference_others: int | None = None,
+    by_value: bool = False,
     uncertainty: bool = False,
     raters: Sequence[str | os.PathLike] = (),
     nsd_tolerance: float = 1.0,
@@ -262,50 +282,48 @@ def evaluate_segmentation(
 
     Args:
         pred_dir, ref_dir: two label-map files, or two folders of them paired by case name.
-        labels: foreground classes ``{name: value}`` of the references after ``label_remap`` (the data card's).
-            None: every non-zero value found in a case's reference or prediction, named by its value; a class
+        labels: foreground classes ``{name: value}`` of the references (default: the card's foreground). None and
+            no card: every non-zero value found in a case's reference or prediction, named by its value; a class
             absent from a case is then NaN there, exactly as if it had been listed.
+        card: the references' data card (or :class:`~medidiff.data.labels.LabelRules`): references and raters are
+            read through it exactly as training reads labels (:func:`medidiff.data.labels.read_label`: its
+            ``label_channel``, ``label_threshold``, ``label_remap`` / ``label_others``; values it does not name are
+            refused). Predictions are never read through the card.
         region_dir: optional mask(s) (non-zero = inside) restricting the evaluation, e.g. DRIVE's field of view.
-        label_remap: file value -> label value of the **references** (DRIVE's manual masks store vessels as 255:
-            ``{255: 1}``); unlisted values are kept. Predictions are never remapped by the card.
-        reference_others: the class of reference values ``label_remap`` does not list (the card's
-            ``label_others``); None: such values are an error, as are values ``labels`` does not name.
+        label_remap: without a card: stored value -> class of the **references** (DRIVE's manual masks store
+            vessels as 255: ``{255: 1}``); the values ``labels`` name are kept, others refused.
         pred_labels: ``{name: value}`` the predictions use (``labels.json`` that ``medidiff infer`` writes beside
-            them): classes are matched by name. None: predictions use ``labels``' values.
+            them): classes are matched by name, which needs the references' names (``labels`` or ``card``).
+            None: predictions use ``labels``' values.
+        by_value: compare the predictions' stored integers with the references' as they are, ignoring
+            ``pred_labels`` (recorded in the settings); without it, named predictions against unnamed references
+            are refused.
         uncertainty: also score the probability and uncertainty maps ``medidiff infer`` writes beside the label
             maps (``prob/``, ``entropy/``, and ``members/`` for the GED):
             :func:`medidiff.metrics.uncertainty.uncertainty_metrics`.
-        raters: further reference folders (other observers), remapped like ``ref``: GED against all raters and
-            the AUROC of the uncertainty where they disagree.
-        nsd_tolerance: tolerance of the normalised surface Dice, in the units of the reference's spacing.
+        raters: further reference folders (other observers), read like ``ref``: GED against all raters and the
+            AUROC of the uncertainty where they disagree.
+        nsd_tolerance: tolerance of the normalised surface Dice, in the units of the reference's spacing (> 0).
         pairs: a CSV file of pairs (see :func:`read_pairs`) instead of ``pred_dir`` / ``ref_dir``.
-        out_json: where to write the result.
+        out_json: where to write the result (only a missing file or an earlier result is replaced).
         suffixes: case-name suffixes to strip (see the pairing rule).
 
     Returns:
         Result dict with ``dice_<class>``, ``hd95_<class>``, ``nsd_<class>`` and their means per case (plus the
         uncertainty metrics when asked).
     """
+    check_nsd_tolerance(nsd_tolerance)
     folders = {"pred": pred_dir, "ref": ref_dir} | ({"region": region_dir} if region_dir is not None else {})
     if pairs is not None:
         folders = {"pred": None, "ref": None} | ({"region": None} if region_dir is not None else {})
     folders |= _uncertainty_folders(pred_dir, uncertainty) | {f"rater_{i + 2}": r for i, r in enumerate(raters)}
-    translate = _prediction_classes(pred_labels, labels)
-
-    def reference(images: dict[str, Any], paths: dict[str, Path], key: str) -> np.ndarray:
-        """A reference rater's label map in the card's class ids, refused where the card cannot read it."""
-        ref = _single_channel(images, paths, key)
-        if label_remap:
-            ref = _remap(ref, label_remap, others=reference_others)
-        if labels is not None:
-            unnamed = sorted(set(np.unique(ref).tolist()) - {0} - set(labels.values()))
-            if unnamed:
-                raise MedidiffError(f"holds label value(s) {unnamed[:10]} that the card does not name (add them to "
-                                    "its label_remap, or set label_others)", paths[key])
-        return ref
+    rules = _reference_rules(card, labels, label_remap)
+    if labels is None and card is not None:  # foreground only: a background Dice near 1 would inflate every mean
+        labels = {name: value for name, value in card.labels.items() if value != 0}
+    translate = None if by_value else match_by_name(pred_labels, labels, pred_dir)
 
     def score(images: dict[str, Any], paths: dict[str, Path]) -> dict[str, float]:
-        pred, ref = _single_channel(images, paths, "pred"), reference(images, paths, "ref")
+        pred, ref = _single_channel(images, paths, "pred"), _single_channel(images, paths, "ref")
         region = _single_channel(images, paths, "region") > 0 if "region" in images else None
         if region is not None and not region.any():
             raise ValueError("the region mask is empty: there is nothing to evaluate inside it")
@@ -320,7 +338,7 @@ def evaluate_segmentation(
         values = segmentation_metrics(pred, ref, present, spacing=spacing, region=region, nsd_tolerance=nsd_tolerance)
         if "prob" in images:
             model_space = _inverse(translate)
-            others = [reference(images, paths, r) for r in images if r.startswith("rater_")]
+            others = [_single_channel(images, paths, r) for r in images if r.startswith("rater_")]
             values |= uncertainty_metrics(
                 np.asarray(images["prob"]), np.asarray(images["uncertainty"][0]), _translate_plain(pred, model_space),
                 _translate_plain(ref, model_space), region=region,
@@ -328,44 +346,41 @@ def evaluate_segmentation(
                 raters=np.stack([ref, *others]) if others else None)
         return values
 
-    kinds = {"pred": "label", "ref": "label", "region": "label", "prob": "image", "uncertainty": "image",
-             "members": "label"} | {f"rater_{i + 2}": "label" for i in range(len(raters))}
-    settings = {"labels": labels, "region_dir": None if region_dir is None else str(region_dir),
-                "reference_remap": None if label_remap is None else {str(k): v for k, v in label_remap.items()},
+    reference = "label" if rules is None else (lambda path: read_label(path, rules))
+    kinds = {"pred": "label", "ref": reference, "region": "label", "prob": "image", "uncertainty": "image",
+             "members": "label"} | {f"rater_{i + 2}": reference for i in range(len(raters))}
+    settings = {"labels": labels, "reference_reading": None if rules is None else describe(rules),
+                "region_dir": None if region_dir is None else str(region_dir),
                 "prediction_labels": None if pred_labels is None else dict(pred_labels),
+                "class_matching": "by name" if translate is not None else "by value", "by_value": bool(by_value),
                 "hd_percentile": 95, "both_empty": "nan", "one_empty_hd95": "inf",
                 "nsd_tolerance": nsd_tolerance, "uncertainty": bool(uncertainty), "raters": [str(r) for r in raters],
                 "ece_bins": 15 if uncertainty else None}
     complete = _fill_absent if labels is None else None
-    return _run("segmentation", folders, kinds, score, settings, suffixes, out_json, complete, pairs)
+    reads = [labels_file(pred_dir)] if pred_dir is not None else []
+    return _run("segmentation", folders, kinds, score, settings, suffixes, out_json, complete, pairs, reads)
 
 
-def prediction_labels(pred: str | os.PathLike | None) -> dict[str, int] | None:
-    """The ``labels.json`` (class name -> value) that ``medidiff infer`` writes beside its label maps."""
-    if pred is None:
+def check_nsd_tolerance(value: float) -> None:
+    """Refused before any file is read: MONAI's own error about it was reported against a case's file."""
+    if not (math.isfinite(value) and value > 0):
+        raise MedidiffError(f"--nsd-tolerance must be a positive number (mm; pixels for 2D images), got {value}")
+
+
+def _reference_rules(card: Rules | None, labels: Mapping[str, int] | None,
+                     label_remap: Mapping[int, int] | None) -> Rules | None:
+    """How references are read: the card's rules, or rules made of ``labels`` and ``label_remap``."""
+    if card is not None:
+        if label_remap is not None:
+            raise ValueError("give the card or label_remap, not both: the card holds the remap")
+        return card
+    if labels is None:
+        if label_remap is not None:
+            raise ValueError("label_remap needs labels (the classes it maps to)")
         return None
-    pred = Path(pred)
-    path = (pred if pred.is_dir() else pred.parent) / "labels.json"
-    if not path.is_file():
-        return None
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise MedidiffError(f"is not a readable labels file ({err})", path) from None
-    if not isinstance(found, dict) or not all(isinstance(v, int) for v in found.values()):
-        raise MedidiffError("must map class names to integer values", path)
-    return found
-
-
-def _prediction_classes(pred_labels: Mapping[str, int] | None, labels: Mapping[str, int] | None):
-    """Prediction value -> reference class value, by class name; None when no translation is needed."""
-    if pred_labels is None or labels is None:
-        return None
-    missing = [name for name in labels if name not in pred_labels]
-    if missing:
-        raise MedidiffError(f"the predictions have no class named {missing} (their labels: {dict(pred_labels)}); "
-                            f"the card names {dict(labels)}")
-    return {value: labels.get(name, 0) for name, value in pred_labels.items()}
+    named = {"background": 0} | dict(labels)
+    kept = {value: value for value in named.values()}  # the values labels name are kept, as before the remap
+    return LabelRules(named, None if label_remap is None else kept | dict(label_remap))
 
 
 def _uncertainty_folders(pred: str | os.PathLike | None, wanted: bool) -> dict[str, Path]:
@@ -407,16 +422,13 @@ def _translate(pred: np.ndarray, table: Mapping[int, int], path: Path) -> np.nda
     return out
 
 
-def _remap(labels: np.ndarray, mapping: Mapping[int, int], others: int | None = None) -> np.ndarray:
-    out = labels.copy() if others is None else np.full_like(labels, others)
-    for src, dst in mapping.items():
-        out[labels == src] = dst  # read from the original: {1: 2, 2: 1} swaps
-    return out
-
-
 def _fill_absent(cases: list[dict[str, Any]]) -> None:
-    """With inferred labels, a class missing from a case was absent from both masks: NaN there."""
+    """With inferred labels, a class missing from a case was absent from both masks: NaN there. No class in any
+    case leaves nothing scored, which must not pass for a result."""
     keys = dict.fromkeys(k for case in cases for k in case)
+    if not any(key.startswith("dice_") for key in keys):
+        raise MedidiffError("no foreground class in any prediction or reference (all background), so nothing can be "
+                            "scored; give --card to name the classes (each then scores NaN where absent from both)")
     for case in cases:
         for key in keys:
             case.setdefault(key, math.nan)
