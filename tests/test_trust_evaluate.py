@@ -7,6 +7,7 @@ Every answer is built by hand: masks of known rectangles, predictions whose Dice
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import nibabel as nib
@@ -296,7 +297,17 @@ def test_all_background_without_a_card_is_an_error_not_silence(tmp_path, capsys)
 # 5 ------------------------------------------------------------- the newcomer: RGB JPEGs with JPEG masks
 
 
-def _photographs_with_jpeg_masks(root: Path) -> Path:
+def readme_newcomer() -> tuple[str, list[list[str]]]:
+    """The card and the commands of README.md's "RGB images with JPEG masks, start to finish"."""
+    section = (REPO / "README.md").read_text().split("### RGB images with JPEG masks, start to finish", 1)[1]
+    card = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    script = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    commands = [shlex.split(line, comments=True) for line in script.splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [["medidiff", "fit"], ["medidiff", "infer"], ["medidiff", "evaluate"]]
+    return card, [c[1:] for c in commands]
+
+
+def _photographs_with_jpeg_masks(root: Path, card: str) -> Path:
     """Six RGB JPEG photographs with white-on-black JPEG masks (values 0..~8 and ~247..255); 4 and 5 held out."""
     from skimage.data import retina
 
@@ -306,40 +317,31 @@ def _photographs_with_jpeg_masks(root: Path) -> Path:
         save_jpeg(root / where / "images" / f"{i}.jpg", np.roll(photo, 7 * i, axis=1))
         mask = rectangle(slice(16 + i, 48), COLS)
         save_jpeg(root / where / "masks" / f"{i}.jpg", np.repeat(255 * mask[..., None], 3, axis=2))
-    card = {"name": "my_photos", "description": "RGB photographs with JPEG masks", "source": "this test",
-            "licence": "CC0", "modality": "photograph", "spatial_dims": 2, "tasks": ["segmentation"],
-            "root": "${card}/data",
-            "inputs": {"image": {"channels": ["red", "green", "blue"],
-                                 "normalise": {"method": "window", "low": 0, "high": 255}}},
-            "labels": {"background": 0, "lesion": 1}, "label_channel": 0, "label_threshold": 127,
-            "splits": {split: {"pattern": {"image": "images/{id}.jpg", "label": "masks/{id}.jpg"}, "ids": ids}
-                       for split, ids in (("train", ["0", "1", "2"]), ("val", ["3"]))}}
     path = root / "my_photos.yaml"
-    path.write_text(yaml.safe_dump(card, sort_keys=False))
+    path.write_text(card)
     return path
 
 
-def test_rgb_photographs_with_jpeg_masks_from_fit_to_evaluate(tmp_path):
-    """The README's commands ("Your own data": RGB images with JPEG masks), with a tiny training budget."""
-    card = _photographs_with_jpeg_masks(tmp_path)
+TINY = ["--data.patch_size", "[32, 32]", "--model.init_args.net.init_args.channels", "[8, 16]", "--trainer.max_steps",
+        "2", "--trainer.limit_val_batches", "0", "--trainer.max_time", "null", "--trainer.enable_progress_bar", "false"]
+
+
+def test_rgb_photographs_with_jpeg_masks_from_fit_to_evaluate(tmp_path, monkeypatch):
+    """The README's card and commands ("Your own data": RGB images with JPEG masks), run as written from the folder
+    holding the data, with a tiny training budget and one sampler step added."""
+    card_text, (fit, infer, evaluate_argv) = readme_newcomer()
+    card = _photographs_with_jpeg_masks(tmp_path, card_text)
+    monkeypatch.chdir(tmp_path)
     masks = tmp_path / "heldout" / "masks"
     stored = np.asarray(Image.open(masks / "4.jpg"))[..., 0]
     assert set(np.unique(stored).tolist()) - {0, 255}, "the masks should carry JPEG noise"
     truth = rectangle(slice(20, 48), COLS)
     np.testing.assert_array_equal(stored > 127, truth)  # the noise never crosses the threshold: truth is known
-    run = tmp_path / "run"
-    assert main(["fit", "--config", str(REPO / "configs/segmentation/drive_2d.yaml"), "--data.card", str(card),
-                 "--model.init_args.net.init_args.cond_channels", "3",  # red, green, blue
-                 "--data.patch_size", "[32, 32]", "--model.init_args.net.init_args.channels", "[8, 16]",
-                 "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.max_time", "null",
-                 "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-                 "--trainer.default_root_dir", str(run)]) == 0
-    checkpoint = next(run.rglob("last.ckpt"))
-    preds = tmp_path / "preds"
-    assert main(["infer", "--task", "segmentation", "--ckpt", str(checkpoint), "--input",
-                 str(tmp_path / "heldout" / "images"), "--output", str(preds), "--steps", "1"]) == 0
-    assert main(evaluate(preds, masks, tmp_path / "m.json", "--card", str(card))) == 0
-    result = scored(tmp_path / "m.json")
+    fit = [str(REPO / word) if word.startswith("configs/") else word for word in fit]
+    assert main([*fit, *TINY]) == 0
+    assert main([*infer, "--steps", "1"]) == 0
+    assert main(evaluate_argv) == 0
+    result = scored(tmp_path / "metrics.json")
     assert [c["case"] for c in result["cases"]] == ["4", "5"]
     assert all(0.0 <= c["dice_lesion"] <= 1.0 for c in result["cases"])  # scored, not refused
     # hand-built predictions against the same JPEG mask: the thresholded mask itself, and half of it shifted
