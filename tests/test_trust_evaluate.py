@@ -362,3 +362,20 @@ def test_a_card_that_cannot_describe_the_references_is_one_line(tmp_path, capsys
     argv = evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "m.json", "--card", "sample_fusion")
     user_error(capsys, [argv[0], "--task", task, *argv[3:]], "sample_fusion.yaml", fragment)
     assert not (tmp_path / "m.json").exists()
+
+
+def test_a_card_refuses_label_others_beside_label_threshold(tmp_path):
+    """A thresholded mask is 0 and 1 whatever label_others says: a card that seems to say otherwise is refused."""
+    from medidiff.data import load_card
+
+    save_png(tmp_path / "ref.png", 255 * rectangle())
+    with pytest.raises(MedidiffError, match="label_others has no effect with label_threshold") as err:
+        load_card(write_card(tmp_path, {"label_threshold": 127, "label_others": "background"}, "ref.png"))
+    assert err.value.path.endswith("card.yaml")
+
+
+def test_a_prediction_stored_0_255_is_told_it_is_read_as_class_ids(tmp_path, capsys):
+    ref = save_png(tmp_path / "ref.png", 255 * rectangle())
+    card = write_card(tmp_path, {"label_threshold": 127}, "ref.png")
+    user_error(capsys, evaluate(save_png(tmp_path / "pred.png", 255 * rectangle()), ref, tmp_path / "m.json",
+                                "--card", str(card)), "pred.png", "[255]", "predictions are class ids")

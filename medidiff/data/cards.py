@@ -378,6 +378,9 @@ def _label_reading(raw: dict, labels: dict[str, int], path: Path) -> tuple[int |
         raise MedidiffError(f"label_threshold makes binary masks (0 and 1), but labels name {labels}", path)
     if threshold is not None and raw.get("label_remap") is not None:
         raise MedidiffError("give label_threshold or label_remap, not both: thresholded masks are 0 and 1", path)
+    if threshold is not None and raw.get("label_others") is not None:  # it would look as if it did something
+        raise MedidiffError("label_others has no effect with label_threshold: every value of a thresholded mask "
+                            "becomes 0 or 1; remove label_others", path)
     return channel, threshold
 
 

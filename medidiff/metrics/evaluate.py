@@ -332,7 +332,9 @@ def evaluate_segmentation(
         if labels is not None:
             unknown = sorted(set(np.unique(pred).tolist()) - {0} - set(labels.values()))
             if unknown:
-                raise ValueError(f"the prediction holds label value(s) {unknown} not in the card's labels {labels}")
+                raise ValueError(f"the prediction holds label value(s) {unknown} not in the card's labels {labels} "
+                                 "(predictions are class ids: the card's channel, threshold and remap read the "
+                                 "references only)")
         present = labels if labels is not None else sorted((set(np.unique(pred)) | set(np.unique(ref))) - {0})
         spacing = images["ref"].meta["spacing"]
         values = segmentation_metrics(pred, ref, present, spacing=spacing, region=region, nsd_tolerance=nsd_tolerance)
