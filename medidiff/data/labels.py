@@ -105,12 +105,12 @@ def to_classes(array: np.ndarray, card: Rules, path: str | os.PathLike | None) -
 
 
 def _where(card: Rules) -> str:
-    """The card named in messages: its file's name (the rules of the Python API say what they are)."""
+    """The card as messages name it: its file name; rules given through the Python API by their own name."""
     return f"the card {card.path.name}" if isinstance(card, DataCard) else card.name
 
 
-def _foreground_name(card: Rules) -> str:
-    return next((name for name, value in card.labels.items() if value == 1), "<label name>")
+def _name_of(card: Rules, value: int) -> str:
+    return next((name for name, class_value in card.labels.items() if class_value == value), "<label name>")
 
 
 def _may_threshold(card: Rules) -> bool:
@@ -122,7 +122,7 @@ def _unnamed_advice(card: Rules, bad: list[int]) -> str:
     """What to change in the card for stored values it does not name, within the card's rules."""
     if card.label_remap is not None:
         return "add them to the card's label_remap (stored value: label name), or set label_others"
-    example = f"label_remap {{0: background, {bad[-1]}: {_foreground_name(card)}}}"
+    example = f"label_remap {{0: {_name_of(card, 0)}, {bad[-1]}: {_name_of(card, 1)}}}"
     if _may_threshold(card):
         return (f"map them in the card: {example}, or label_threshold: 127 for masks stored 0/255 or with JPEG "
                 "noise (values above it are class 1)")
