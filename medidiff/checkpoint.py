@@ -96,10 +96,25 @@ def read_training_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO with every load through :func:`read_training_checkpoint` (``weights_only``
-    ignored)."""
+    ignored) and every save atomic (:func:`save_checkpoint`): a full disk left a truncated ``last.ckpt``."""
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return read_training_checkpoint(path)
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        save_checkpoint(checkpoint, path)
+
+
+def save_checkpoint(content: dict[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save`` through a temporary file and a rename: an interrupted or failed write (disk full) leaves the
+    previous checkpoint in place and no partial one; a failure is one :class:`MedidiffError`."""
+    from medidiff.io import atomic_write
+
+    try:
+        return atomic_write(path, lambda temporary: torch.save(content, temporary))
+    except RuntimeError as err:  # torch reports a failed write (ENOSPC) as a RuntimeError of its zip writer
+        raise MedidiffError(f"could not be written ({str(err).splitlines()[0][:200]}); is the disk full?",
+                            path) from None
 
 
 def checkpoint_record(content: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
@@ -249,7 +264,4 @@ def export(module, data_hparams: dict[str, Any], path: str | os.PathLike, half: 
     hparams = {k: v for k, v in module.hparams.items() if k not in LEGACY_RECORD_KEYS}
     content = {"state_dict": state, "hyper_parameters": hparams, "medidiff": module.checkpoint_record(),
                "datamodule_hyper_parameters": dict(data_hparams)}
-    from medidiff.io import atomic_write
-
-    atomic_write(path, lambda temporary: torch.save(content, temporary))
-    return path
+    return save_checkpoint(content, path)

@@ -26,12 +26,44 @@ def run_lightning(argv: Sequence[str]) -> None:
     from medidiff.errors import MedidiffError
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    quiet_lightning()
     try:
         _cli_class()(L.LightningModule, MedicalDataModule, subclass_mode_model=True, args=list(argv),
                      save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
                      parser_kwargs={"exit_on_error": False})
     except ArgumentError as err:
         raise MedidiffError(config_error(str(err))) from None
+
+
+# Lightning's notices that say nothing to a medidiff user (hardware it does not use, a cloud logger to install,
+# implementation notes on hooks medidiff overrides on purpose, logging intervals longer than an epoch of a sample)
+_NOISE = ("GPU available:", "TPU available:", "💡 Tip:", "`tensorboardX` has been removed",
+          "isinstance(treespec, LeafSpec)", "is smaller than the logging interval", "You have overridden "
+          "`on_after_batch_transfer`", "does not have many workers", "Checkpoint directory",
+          "The dirpath has changed")
+
+
+def quiet_lightning() -> None:
+    import logging
+    import warnings
+
+    for text in _NOISE:
+        warnings.filterwarnings("ignore", message=f".*{re_escape(text)}")
+
+    class Quiet(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not any(text in record.getMessage() for text in _NOISE)
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning.pytorch.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, Quiet) for f in logger.filters):
+            logger.addFilter(Quiet())
+
+
+def re_escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
 
 
 def config_error(message: str) -> str:
@@ -43,7 +75,7 @@ def config_error(message: str) -> str:
     found = (re.search(r"Option '([\w.]+)' is not accepted", text) or re.search(r"accept option '([\w.]+)'", text)
              or re.search(r"unrecognized arguments: --([\w.]+)", text))
     if not found:
-        return f"the configuration is not valid: {text[:400]}"
+        return invalid_value(message) or f"the configuration is not valid: {text[:400]}"
     key = found.group(1)
     classes = re.findall(r"class_path '([\w.]+)'", text)
     owner = classes[-1] if classes else {"data": "medidiff.data.datamodule.MedicalDataModule",
@@ -52,6 +84,25 @@ def config_error(message: str) -> str:
     where = f" of {owner}" if owner else ""
     return (f"unknown configuration key '{key}'{where}" + (f"; did you mean '{hint[0]}'?" if hint else "")
             + " (medidiff fit --help lists them)")
+
+
+def invalid_value(message: str) -> str | None:
+    """jsonargparse's nested "does not validate" report as one line: the full key, what it takes, what it got."""
+    import re
+
+    keys = re.findall(r'Parser key "([\w.]+)"', message)
+    expected = re.findall(r"Expected a <class '(\w+)'>", message)
+    given = re.findall(r"Given value: (.*)", message)
+    kinds = re.findall(r"Given value type: <class '([\w.]+)'>", message)
+    if not keys or not expected or not given:
+        return None
+    key = ".".join(k if i == 0 else f"init_args.{k}" for i, k in enumerate(keys))
+    value, kind = given[0].strip(), kinds[0] if kinds else "?"
+    line = (f"configuration key '{key}' takes {' or '.join(dict.fromkeys(expected))}, not {value!r} ({kind})")
+    if value == "None" and kind == "str":
+        # jsonargparse reads `null` given on the command line for a nested class argument as the text "None"
+        line += "; a null cannot be given on the command line here: write it in the configuration file"
+    return line
 
 
 def _parameters(class_path: str) -> list[str]:
@@ -119,6 +170,32 @@ def _cli_class():
             plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
             return super().instantiate_trainer(**kwargs, plugins=[*plugins, SafeCheckpointIO()])
 
+        def _instantiate_trainer(self, config, callbacks):
+            """medidiff's progress bar (steps, not "Epoch 293/-2") unless the configuration brings its own."""
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from medidiff.callbacks import StepProgressBar
+
+            given = list(config.get("callbacks") or []) + list(callbacks)
+            if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in given):
+                callbacks = [*callbacks, StepProgressBar()]
+            return super()._instantiate_trainer(config, callbacks)
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            """Lightning answers Ctrl-C by saving nothing more and calling ``sys.exit(1)``: give the user the
+            interrupt's exit status (130) and one line instead."""
+            import signal
+
+            from lightning.pytorch.trainer.states import TrainerStatus
+
+            try:
+                super()._run_subcommand(subcommand)
+            except SystemExit as stop:
+                if stop.code == 1 and self.trainer.state.status == TrainerStatus.INTERRUPTED:
+                    signal.signal(signal.SIGINT, signal.default_int_handler)  # Lightning left Ctrl-C ignored
+                    raise TrainingInterrupted from None
+                raise
+
         def _parse_ckpt_path(self) -> None:
             """Lightning feeds a checkpoint's hyperparameters back as model arguments before resuming, and
             jsonargparse imports any ``class_path`` among them. The configuration alone says what to build:
@@ -130,6 +207,10 @@ def _cli_class():
                 read_training_checkpoint(Path(ckpt_path))
 
     return MedidiffCLI
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``fit``: the checkpoints written so far stay, the run resumes with ``--ckpt_path last``."""
 
 
 def cpu_has_bf16() -> bool:
@@ -210,8 +291,8 @@ def _settle(namespace, key: str, expected: int, flag: str, why: str) -> None:
     if namespace[key] is None:
         namespace[key] = expected
     elif namespace[key] != expected:
-        raise MedidiffError(f"{flag} is {namespace[key]} but the {why}; set --{flag} {expected} (or leave it "
-                            "null to take it from the card)")
+        raise MedidiffError(f"{flag} is {namespace[key]} but the {why}; set --{flag} {expected} (or write "
+                            "null for it in the configuration file to take it from the card)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -230,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"medidiff: error: {error}", file=sys.stderr)
         return error.exit_code
+    except TrainingInterrupted:
+        print("medidiff: interrupted; the checkpoints written so far are kept (resume with --ckpt_path last)",
+              file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("medidiff: interrupted; completed outputs are kept, partial ones were not written", file=sys.stderr)
         return 130

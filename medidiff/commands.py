@@ -36,9 +36,9 @@ def _parser() -> argparse.ArgumentParser:
 
     infer = sub.add_parser("infer", help="run a trained model on a scan or a folder of scans")
     infer.add_argument("--task", choices=TASK_NAMES, required=True)
-    infer.add_argument("--ckpt", type=Path, default=None,
-                       help="checkpoint from `medidiff fit` or `export` (default: the shipped demo model that fits "
-                            "the input; fusion with a classical --method needs none)")
+    infer.add_argument("--ckpt", default=None,
+                       help="checkpoint from `medidiff fit` or `export`, or a shipped demo model's name (`medidiff "
+                            "models` lists them); fusion with a classical --method needs none")
     infer.add_argument("--input", required=True, help="a scan, a DICOM series folder, or a folder of scans")
     infer.add_argument("--input-b", help="fusion: the second source (a file, or a folder paired by file name)")
     infer.add_argument("--output", type=Path, required=True, help="folder for the results")
@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="image tasks: intensity range (default: the card's window, else each reference's range)")
     evaluate.add_argument("--out", type=Path, required=True, help="JSON file with per-case rows and a summary")
 
+    sub.add_parser("models", help="list the shipped demo models and what each was trained on")
+
     demo = sub.add_parser("demo", help="run every task's shipped model on the shipped sample scans")
     demo.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for outputs and report.md")
     demo.add_argument("--steps", type=int, default=10, help="sampler steps (NFE) for every task")
@@ -118,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_command(argv: Sequence[str]) -> None:
     args = _parser().parse_args(list(argv))
-    {"infer": _infer, "evaluate": _evaluate, "export": _export, "demo": _demo,
+    {"infer": _infer, "evaluate": _evaluate, "export": _export, "demo": _demo, "models": _models,
      "plot-logs": _plot_logs}[args.command](args)
 
 
@@ -140,8 +142,8 @@ def _infer(args: argparse.Namespace) -> None:
     _check_infer_options(args)
     inputs = {"image": args.input} if args.task != "fusion" else {"source_a": args.input, "source_b": args.input_b}
     options = InputOptions(allow=frozenset(args.allow), channel=args.channel, luma=args.luma)
-    if args.ckpt is None and not (args.task == "fusion" and args.method != "diffusion"):
-        args.ckpt = shipped_checkpoint(args.task, inputs, options)
+    if not (args.task == "fusion" and args.method != "diffusion"):
+        args.ckpt = checkpoint_path(args.ckpt, args.task)
     task_options = {"mask": args.mask} if args.task == "restoration" else {}
     task_options |= {"method": args.method} if args.task == "fusion" else {}
     adapter = from_checkpoint(args.task, args.ckpt, device=args.device, sampler=args.sampler, steps=args.steps,
@@ -154,14 +156,17 @@ def _infer(args: argparse.Namespace) -> None:
 
 
 def _check_degradation(adapter, args: argparse.Namespace) -> None:
-    """A k-space model needs the sampling mask; a mask means nothing to a model trained on other degradations."""
-    if args.task != "restoration" or "degradation" in args.allow:
+    """A k-space model needs the sampling mask, always: without it there is no measurement to stay consistent
+    with, and the network alone invents structure. A mask means nothing to a model trained on other
+    degradations (``--allow degradation`` runs it anyway)."""
+    if args.task != "restoration":
         return
     trained = adapter.contract.get("degradation") or {}
     if "kspace" in trained and args.mask is None:
-        raise MedidiffError(f"the model reconstructs k-space-undersampled images (trained on {trained}); give the "
-                            "sampling mask with --mask, or run it anyway with --allow degradation", args.ckpt)
-    if "kspace" not in trained and args.mask is not None:
+        raise MedidiffError(f"the model reconstructs k-space-undersampled images (trained on {trained}) and needs "
+                            "the input's sampling mask: give it with --mask (no override: without the measurement "
+                            "the model invents structure)", args.ckpt)
+    if "kspace" not in trained and args.mask is not None and "degradation" not in args.allow:
         raise MedidiffError(f"--mask is for models trained on k-space undersampling; this one was trained on "
                             f"{trained or 'an unrecorded degradation'} (run it anyway with --allow degradation)",
                             args.ckpt)
@@ -177,7 +182,7 @@ def _progress_bars():
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn()) as progress:
             def factory(case: str):
-                bar = progress.add_task(f"{case}: sampling", total=None)
+                bar = progress.add_task(case, total=None)
                 return lambda done, total: progress.update(bar, completed=done, total=total)
 
             yield factory, progress.console.print
@@ -185,34 +190,48 @@ def _progress_bars():
     return bars()
 
 
-# the models `medidiff demo` runs, trained on the shipped sample (medidiff/weights, tasks/train_demo_models.sh),
-# in the order tried when no --ckpt is given: the first whose contract accepts the input is used
+# the models `medidiff demo` runs, trained on the shipped sample (medidiff/weights, tasks/train_demo_models.sh):
+# used only when named, `--ckpt segmentation_mni_2d`
 SHIPPED = {"segmentation": ("segmentation_mni_2d", "segmentation_ct_3d"), "restoration": ("restoration_mni_2d",),
            "superres": ("superres_ct_3d",), "fusion": ("fusion_mni_2d",)}
 
 
-def shipped_checkpoint(task: str, inputs: dict[str, str], options) -> Path:
-    """The first shipped demo model of ``task`` that takes the first input; says what it was trained on."""
+def checkpoint_path(value: str | None, task: str) -> Path:
+    """``--ckpt``: a checkpoint file, or the name of a shipped model. Never chosen for the user: a model picked by
+    modality alone labelled an abdominal MR with brain tissue classes."""
+    from medidiff.demo import weights
+
+    if value is None:
+        raise MedidiffError(f"give the model with --ckpt: a checkpoint of yours, or a shipped demo model by name "
+                            f"({', '.join(SHIPPED[task])}; `medidiff models` says what each was trained on)")
+    if value in (name for names in SHIPPED.values() for name in names):
+        return weights(value)
+    path = Path(value)
+    if not path.exists():
+        raise MedidiffError("checkpoint not found (nor is it a shipped model's name; `medidiff models` lists them)",
+                            path)
+    return path
+
+
+def _models(args: argparse.Namespace) -> None:
+    """What each shipped model was trained on, so that one is chosen knowingly."""
     from medidiff.checkpoint import load_module
     from medidiff.demo import weights
     from medidiff.inference.contract import describe
-    from medidiff.inference.pipeline import list_cases, read_source
 
-    case = list_cases(inputs)[0]
-    refusals = []
-    for name in SHIPPED[task]:
-        contract = load_module(weights(name), task=task)[0].contract
-        try:
-            for role, path in case.sources.items():
-                read_source(path, role, contract, task, options)
-        except MedidiffError as refusal:
-            refusals.append(f"{name}: {refusal}")
-            continue
-        print(f"no --ckpt given: using the shipped demo model {name}, {describe(contract)}. It was trained for "
-              "minutes on a small sample: fine for trying the commands, not for research (see the README)")
-        return weights(name)
-    raise MedidiffError(f"no shipped {task} model takes this input; train one on your data (README: 'Your own "
-                        f"data') and give it with --ckpt. {' | '.join(refusals)}")
+    for task, names in SHIPPED.items():
+        for name in names:
+            contract = load_module(weights(name), task=task)[0].contract
+            licence = _first_sentence((contract.get("card") or {}).get("licence", ""))
+            print(f"{name}  [{task}, {contract['spatial_dims']}D]\n    {describe(contract)}\n    training data "
+                  f"licence: {licence}\n    use: medidiff infer --task {task} --ckpt {name} ...")
+    print("Demonstration models trained for minutes on the shipped samples: for trying the commands, not for "
+          "research or clinical use.")
+
+
+def _first_sentence(text: str) -> str:
+    sentence = " ".join(str(text).split()).split(". ")[0]
+    return sentence if len(sentence) <= 200 else sentence[:197] + "..."
 
 
 def _check_infer_options(args: argparse.Namespace) -> None:

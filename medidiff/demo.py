@@ -20,7 +20,7 @@ from medidiff import io
 from medidiff.checkpoint import load_module
 from medidiff.core.operators import kspace_mask, undersample
 from medidiff.errors import MedidiffError
-from medidiff.inference import SamplingOptions, adapter_for, infer
+from medidiff.inference import InputOptions, SamplingOptions, adapter_for, infer
 from medidiff.metrics import evaluate as E
 from medidiff.report import markdown_table, middle_slice, panel
 
@@ -29,11 +29,12 @@ WEIGHTS = Path(str(resources.files("medidiff") / "weights"))
 HELD_OUT_SLAB = (58, 70)  # axial slices of the 2 mm MNI sample never seen in training (see its card)
 
 
-def _run(task: str, name: str, inputs: dict, out: Path, options: SamplingOptions, log, **task_options) -> None:
+def _run(task: str, name: str, inputs: dict, out: Path, options: SamplingOptions, log,
+         allow: frozenset[str] = frozenset(), **task_options) -> None:
     """``medidiff infer`` on a shipped model, with the demo's fixed sampling options."""
     module, _ = load_module(weights(name), task=task)
     infer(adapter_for(task, module, module.contract, options, str(weights(name)), **task_options), inputs, out,
-          report=log)
+          options=InputOptions(allow=allow), report=log)
 
 
 def weights(name: str) -> Path:
@@ -133,7 +134,8 @@ def superres(out: Path, options: SamplingOptions, log: Callable[[str], None]) ->
     low_affine = io.respaced_affine(hr.affine, tuple(float(z) * f for z, f in zip(hr.header.get_zooms(), factors)))
     nib.save(nib.Nifti1Image(low, low_affine), inputs / "ct_b.nii.gz")
     pred = out / "superres"
-    _run("superres", "superres_ct_3d", {"image": inputs}, pred, options, log)
+    # CT air below -1000 and bone above 1000 HU lie beyond the model's window: allowed by name, as a user would
+    _run("superres", "superres_ct_3d", {"image": inputs}, pred, options, log, allow=frozenset({"clipping"}))
     result = E.evaluate_image(pred, hr_path.parent, data_range=2000.0, out_json=out / "metrics" / "superres.json")
     interpolated = torch.nn.functional.interpolate(torch.from_numpy(low)[None, None], scale_factor=factors,
                                                    mode="trilinear")[0, 0].numpy()

@@ -60,7 +60,9 @@ def test_metrics_and_provenance_are_written(demo):
         assert list((out / task / "provenance").glob("*.json")), task
 
 
-def test_infer_without_ckpt_uses_the_shipped_model_for_the_input_dimension(tmp_path, capsys):
+def test_shipped_models_are_used_only_when_named(tmp_path, capsys):
+    """A model picked by modality alone labelled an abdominal MR with brain tissue classes: without --ckpt, infer
+    refuses and names the shipped models; by name, one runs; `medidiff models` says what each was trained on."""
     import json
 
     import nibabel as nib
@@ -71,15 +73,17 @@ def test_infer_without_ckpt_uses_the_shipped_model_for_the_input_dimension(tmp_p
     scan = tmp_path / "in" / "slice.nii.gz"
     scan.parent.mkdir()
     nib.save(nib.Nifti1Image(np.random.default_rng(0).uniform(0, 200, (40, 36)).astype(np.float32), np.eye(4)), scan)
-    # the shipped restoration model reconstructs 4x k-space: without the sampling mask it is refused
-    assert main(["infer", "--task", "restoration", "--input", str(scan), "--output", str(tmp_path / "out0"),
-                 "--steps", "1"]) == 2
-    assert "--mask" in capsys.readouterr().err
-    assert main(["infer", "--task", "restoration", "--input", str(scan), "--output", str(tmp_path / "out"),
-                 "--steps", "1", "--allow", "degradation"]) == 0
-    said = capsys.readouterr().out
-    assert "shipped demo model restoration_mni_2d" in said and "trained on 'sample_mni'" in said
+    assert main(["infer", "--task", "segmentation", "--input", str(scan), "--output", str(tmp_path / "out0")]) == 2
+    said = capsys.readouterr().err
+    assert "--ckpt" in said and "segmentation_mni_2d" in said and "medidiff models" in said
+    assert not (tmp_path / "out0").exists()
+    assert main(["infer", "--task", "segmentation", "--ckpt", "segmentation_mni_2d", "--input", str(scan),
+                 "--output", str(tmp_path / "out"), "--steps", "1"]) == 0
     record = json.loads((tmp_path / "out" / "provenance" / "slice.json").read_text())
-    assert record["settings"]["checkpoint"].endswith("restoration_mni_2d.ckpt")
-    code = main(["infer", "--task", "superres", "--input", str(scan), "--output", str(tmp_path / "out2")])
-    assert code == 2 and "no shipped superres model takes this input" in capsys.readouterr().err
+    assert record["settings"]["checkpoint"].endswith("segmentation_mni_2d.ckpt")
+    capsys.readouterr()
+    assert main(["models"]) == 0
+    listed = capsys.readouterr().out
+    for name in SHIPPED:
+        assert name in listed
+    assert "trained on 'sample_ct'" in listed and "labels background=0, grey_matter=1" in listed

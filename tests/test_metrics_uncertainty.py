@@ -113,7 +113,8 @@ def test_evaluate_scores_the_maps_infer_writes_against_two_observers(tmp_path):
 
     tissue, other = _slice_case(tmp_path)
     out = tmp_path / "out"
-    assert main(["infer", "--task", "segmentation", "--input", str(tmp_path / "in"), "--output", str(out),
+    assert main(["infer", "--task", "segmentation", "--ckpt", "segmentation_mni_2d", "--input", str(tmp_path / "in"),
+                 "--output", str(out),
                  "--ensemble", "3", "--steps", "1"]) == 0
     members = np.asanyarray(nib.load(out / "members" / "slice.nii.gz").dataobj)
     assert members.shape == (*tissue.shape, 1, 1, 3) and np.issubdtype(members.dtype, np.integer)
@@ -153,7 +154,8 @@ def test_a_rater_goes_through_the_same_checks_as_the_reference(tmp_path, capsys)
 
     tissue, other = _slice_case(tmp_path)
     out = tmp_path / "out"
-    assert main(["infer", "--task", "segmentation", "--input", str(tmp_path / "in"), "--output", str(out),
+    assert main(["infer", "--task", "segmentation", "--ckpt", "segmentation_mni_2d", "--input", str(tmp_path / "in"),
+                 "--output", str(out),
                  "--ensemble", "2", "--steps", "1"]) == 0
     other[other > 0] = 7  # the same outline in values the card does not name
     Image.fromarray(other).save(tmp_path / "ref2" / "slice.png")

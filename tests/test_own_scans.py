@@ -50,7 +50,8 @@ def test_an_rgb_jpeg_is_refused_naming_the_channels_and_the_flags(tmp_path, caps
 
     photo = tmp_path / "polyp.jpg"
     Image.fromarray(retina()[::4, ::4]).save(photo, quality=90)
-    line = user_error(capsys, ["infer", "--task", "segmentation", "--input", str(photo), "--output",
+    line = user_error(capsys, ["infer", "--task", "segmentation", "--ckpt", "segmentation_mni_2d", "--input",
+                               str(photo), "--output",
                                str(tmp_path / "out")], "polyp.jpg", "3 channel(s) (RGB)")
     assert "--channel" in line and "--luma" in line
 
@@ -60,7 +61,8 @@ def test_a_grey_png_reaches_the_shipped_2d_model(tmp_path):
     png = tmp_path / "in" / "slice.png"
     png.parent.mkdir()
     Image.fromarray(slice_).save(png)
-    assert main(["infer", "--task", "segmentation", "--input", str(png), "--output", str(tmp_path / "out")]) == 0
+    assert main(["infer", "--task", "segmentation", "--ckpt", "segmentation_mni_2d", "--input", str(png), "--output",
+                 str(tmp_path / "out")]) == 0
     labels = nib.load(tmp_path / "out" / "slice.nii.gz")
     assert labels.shape == slice_.shape and np.issubdtype(labels.get_data_dtype(), np.integer)
     assert provenance(tmp_path / "out")["settings"]["checkpoint"].endswith("segmentation_mni_2d.ckpt")
@@ -71,9 +73,10 @@ def test_a_grey_png_reaches_the_shipped_2d_model(tmp_path):
 
 def test_an_mr_volume_is_refused_by_the_ct_superres_model(tmp_path, capsys):
     scan = mr_volume(tmp_path / "in" / "mr_thick.nii.gz", every=4)
-    user_error(capsys, ["infer", "--task", "superres", "--input", str(scan), "--output", str(tmp_path / "out")],
-               "mr_thick.nii.gz", "--allow intensity", "CT")
-    assert main(["infer", "--task", "superres", "--input", str(scan), "--output", str(tmp_path / "forced"),
+    user_error(capsys, ["infer", "--task", "superres", "--ckpt", "superres_ct_3d", "--input", str(scan), "--output",
+                        str(tmp_path / "out")], "mr_thick.nii.gz", "--allow intensity", "CT")
+    assert main(["infer", "--task", "superres", "--ckpt", "superres_ct_3d", "--input", str(scan), "--output",
+                 str(tmp_path / "forced"),
                  "--allow", "intensity", "clipping", "--steps", "1"]) == 0
     checks = provenance(tmp_path / "forced")["checks"]["image"]["intensity"]
     assert checks["allowed"] == ["clipping", "intensity"] and checks["clipped_high"][0] > 0  # what was clipped
@@ -81,13 +84,14 @@ def test_an_mr_volume_is_refused_by_the_ct_superres_model(tmp_path, capsys):
 
 def test_the_kspace_model_without_a_mask_is_refused(tmp_path, capsys):
     scan = mr_volume(tmp_path / "in" / "noisy.nii.gz")
-    user_error(capsys, ["infer", "--task", "restoration", "--input", str(scan), "--output", str(tmp_path / "o")],
-               "k-space", "--mask", "--allow degradation")
+    user_error(capsys, ["infer", "--task", "restoration", "--ckpt", "restoration_mni_2d", "--input", str(scan),
+                        "--output", str(tmp_path / "o")], "k-space", "--mask")
 
 
-def test_an_mr_volume_goes_to_the_mr_model_and_is_refused_by_the_ct_one(tmp_path, capsys):
+def test_an_mr_volume_is_taken_by_the_mr_model_and_refused_by_the_ct_one(tmp_path, capsys):
     scan = mr_volume(tmp_path / "in" / "mr.nii.gz")
-    assert main(["infer", "--task", "segmentation", "--input", str(scan), "--output", str(tmp_path / "out")]) == 0
+    assert main(["infer", "--task", "segmentation", "--ckpt", "segmentation_mni_2d", "--input", str(scan), "--output",
+                 str(tmp_path / "out")]) == 0
     assert provenance(tmp_path / "out")["settings"]["checkpoint"].endswith("segmentation_mni_2d.ckpt")
     user_error(capsys, ["infer", "--task", "segmentation", "--ckpt", str(WEIGHTS / "segmentation_ct_3d.ckpt"),
                         "--input", str(scan), "--output", str(tmp_path / "ct")], "mr.nii.gz", "--allow intensity")
@@ -314,7 +318,7 @@ def test_image_task_inputs_reach_the_network_on_the_module_device(tmp_path, monk
         extra, ckpt = ["--mask", str(tmp_path / "mask.nii.gz")], "restoration_mni_2d"
     else:
         source = nib.load(CT)
-        scan, extra, ckpt = tmp_path / "in" / "ct.nii.gz", [], "superres_ct_3d"
+        scan, extra, ckpt = tmp_path / "in" / "ct.nii.gz", ["--allow", "clipping"], "superres_ct_3d"
         scan.parent.mkdir()
         nib.save(nib.Nifti1Image(np.asanyarray(source.dataobj)[:, :, ::4].astype(np.float32), source.affine), scan)
     assert main(["infer", "--task", task, "--ckpt", str(WEIGHTS / f"{ckpt}.ckpt"), "--input", str(scan),

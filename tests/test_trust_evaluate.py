@@ -299,7 +299,8 @@ def test_all_background_without_a_card_is_an_error_not_silence(tmp_path, capsys)
 
 def readme_newcomer() -> tuple[str, list[list[str]]]:
     """The card and the commands of README.md's "RGB images with JPEG masks, start to finish"."""
-    section = (REPO / "README.md").read_text().split("### RGB images with JPEG masks, start to finish", 1)[1]
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### RGB images with JPEG masks, start to finish", 1)[1]
     card = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     script = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
     commands = [shlex.split(line, comments=True) for line in script.splitlines() if line.strip()]

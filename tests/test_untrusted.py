@@ -236,7 +236,7 @@ def test_case_names_do_not_collide_and_a_bad_case_does_not_stop_the_run(tmp_path
 def test_a_killed_runs_temporary_files_are_cleared(tmp_path):
     out = tmp_path / "out"
     (out / "provenance").mkdir(parents=True)
-    stale = out / ".scan.nii.gz.abc12_xy.nii.gz"
+    stale = out / ".medidiff-partial-scan.nii.gz.abc12_xy.nii.gz"
     stale.write_bytes(b"")
     (out / ".keep_me").write_text("a user's own hidden file")
     assert main(["infer", "--task", "segmentation", "--ckpt", str(SEG2D), "--input", str(slab(tmp_path / "in" /

@@ -133,15 +133,21 @@ def zero_position(image: torch.Tensor, normalise: dict[str, Any]) -> torch.Tenso
 # ------------------------------------------------------------------------------------------- checks
 
 
-def check_intensities(image: torch.Tensor, entry: dict[str, Any], path: Path, allow: Iterable[str]) -> dict:
+def check_intensities(image: torch.Tensor, entry: dict[str, Any], path: Path, allow: Iterable[str],
+                      image_output: bool = False) -> dict:
     """Compare one input ``(C, *spatial)`` (the channels the model takes, raw units) with the training profile.
+
+    ``image_output``: the task writes an image in the input's units (restoration, super-resolution), which can
+    hold nothing beyond a window's bounds: any voxel a window would clip is refused unless clipping is allowed.
 
     Returns what was measured (for provenance); raises :class:`MedidiffError` on a misfit not in ``allow``.
     """
     allow, profile, norm = set(allow), entry.get("profile"), entry["normalise"]
     measured = intensity_profile([image], norm)
-    record = {"quantiles": {k: measured["quantiles"][k] for k in ("1", "50", "99")}}
+    record = {"quantiles": {k: measured["quantiles"][k] for k in ("1", "50", "99")},
+              "clipped_voxels": clipped_voxels(image, norm)}
     if profile is None:
+        _refuse_output_clipping(image_output, record, image, norm, path, entry, allow)
         return record | {"checked": False, "why": "the checkpoint holds no intensity profile of its training data"}
     if norm["method"] == "window":
         record |= {"clipped_low": measured["clipped_low"], "clipped_high": measured["clipped_high"]}
@@ -149,6 +155,7 @@ def check_intensities(image: torch.Tensor, entry: dict[str, Any], path: Path, al
         _refuse(problem, path, entry, "intensity")
         problem = _clipping_problem(measured, profile, norm) if "clipping" not in allow else None
         _refuse(problem, path, entry, "clipping")
+        _refuse_output_clipping(image_output, record, image, norm, path, entry, allow)
     else:
         record["zero_position"] = measured["zero_position"]
         bounds = percentile_bounds(image, norm)
@@ -185,6 +192,29 @@ def _clipping_problem(measured: dict, profile: dict, norm: dict) -> str | None:
                 return (f"{100 * got:.2f} % of its voxels{_channel(channel, measured)} lie {side} the model's "
                         f"window bound {bound:g} and would be clipped (training images: {100 * seen:.2f} %)")
     return None
+
+
+def clipped_voxels(image: torch.Tensor, normalise: dict[str, Any]) -> int:
+    """How many voxels the normalisation changes by clipping (outside a window, or the percentile bounds)."""
+    bounds = percentile_bounds(image, normalise)
+    shape = (-1,) + (1,) * (image.ndim - 1)
+    low, high = (bounds[:, i].reshape(shape) for i in (0, 1))
+    values = image.double()
+    return int(((values < low) | (values > high)).sum())
+
+
+def _refuse_output_clipping(image_output: bool, record: dict, image: torch.Tensor, norm: dict, path: Path,
+                            entry: dict, allow: set[str]) -> None:
+    if image_output and norm["method"] == "window" and record["clipped_voxels"] and "clipping" not in allow:
+        _refuse(_output_clipping(image, norm), path, entry, "clipping")
+
+
+def _output_clipping(image: torch.Tensor, norm: dict) -> str:
+    low, high = float(norm["low"]), float(norm["high"])
+    below, above = int((image < low).sum()), int((image > high).sum())
+    return (f"{below} voxel(s) lie below and {above} above the model's window {low:g}..{high:g} (input range "
+            f"{float(image.min()):.4g}..{float(image.max()):.4g}); the output image cannot hold them and would "
+            "show them at the window's bounds")
 
 
 def _zero_position_problem(measured: dict, profile: dict) -> str | None:

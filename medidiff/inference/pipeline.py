@@ -33,6 +33,7 @@ from medidiff.data.cards import InputSpec
 from medidiff.data.custom import rgb_to_ycbcr
 from medidiff.errors import MedidiffError
 from medidiff.inference.contract import check_intensities, expectation
+from medidiff.inference.run_folder import folder_lock, input_digest
 from medidiff.inference.tasks import Case, Output, TaskAdapter
 
 Report = Callable[[str], None]
@@ -80,8 +81,11 @@ def _sources(path: Path) -> dict[str, Path]:
     stripped, so ``case1.nii.gz`` and ``case1_seg.nii.gz`` are two cases)."""
     if not path.exists():
         raise MedidiffError("input not found", path)
+    if not (path.is_file() or path.is_dir()):
+        raise MedidiffError("is not a regular file or folder (a FIFO, socket or device?); give a scan file or a "
+                            "folder of scans", path)
     if path.is_file() or io.is_dicom_folder(path):
-        return {case_of(path): path}
+        return {case_of(path.resolve()): path}  # resolved: `--input .` names the case after the folder
     found: dict[str, Path] = {}
     for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
         name = case_of(file)
@@ -129,7 +133,7 @@ def read_case(case: Case, adapter: TaskAdapter, options: InputOptions) -> Compos
     contract, data, specs = adapter.contract, {}, {}
     for role in adapter.roles:
         data[role], specs[role], case.record[role] = read_source(case.sources[role], role, contract,
-                                                                 adapter.task, options)
+                                                                 adapter.task, options, adapter.keeps_units)
         case.raw[role] = data[role]
     first = data[adapter.roles[0]]
     case.record["spacing"] = list(first.meta["spacing"])
@@ -142,17 +146,18 @@ def read_case(case: Case, adapter: TaskAdapter, options: InputOptions) -> Compos
     return pipeline
 
 
-def read_source(path: Path, role: str, contract: dict[str, Any], task: str,
-                options: InputOptions) -> tuple[Any, InputSpec, dict[str, Any]]:
+def read_source(path: Path, role: str, contract: dict[str, Any], task: str, options: InputOptions,
+                image_output: bool = False) -> tuple[Any, InputSpec, dict[str, Any]]:
     """One source read and checked against the contract: ``(image, spec, record)`` with the channels the
-    network takes; a misfit is a :class:`MedidiffError` naming the file, the expectation and the override."""
+    network takes; a misfit is a :class:`MedidiffError` naming the file, the expectation and the override.
+    ``image_output``: the task writes an image in this source's units (see :func:`check_intensities`)."""
     entry = contract["inputs"][role]
     raw = _read(path, contract, task)
     entry = entry | {"normalise": _normalisation(entry["normalise"], path, raw)}
     image, spec, how = take_channels(raw, entry, path, options, any_colour=task == "fusion")
     _check_modality(raw, entry, contract, path, options.allow)
     profile_fits = len(spec.channels) == len(entry["use"])
-    intensity = check_intensities(image.as_tensor(), entry, path, options.allow) if profile_fits else \
+    intensity = check_intensities(image.as_tensor(), entry, path, options.allow, image_output) if profile_fits else \
         {"checked": False, "why": "channel layout differs from training"}
     return image, spec, {"file": str(path), "channels": how, "intensity": intensity,
                          "spacing": list(raw.meta["spacing"]), "orientation": raw.meta["orientation"]}
@@ -173,6 +178,7 @@ def _read(path: Path, contract: dict[str, Any], task: str) -> Any:
     model, data = contract["spatial_dims"], contract["data_dims"]
     if raw.ndim == 4 and raw.shape[-1] == 1 and model == 2:
         raw = io.read(path, expected_ndim=2)  # a single-slice volume is a 2D image
+        raw.meta["single_slice_volume"] = True  # outputs get the slice axis back (see restore)
     dims = raw.ndim - 1
     if task == "fusion":
         return raw  # classical and 2D diffusion fusion run on volumes too (slice by slice)
@@ -267,6 +273,7 @@ def run_case(adapter: TaskAdapter, case: Case, options: InputOptions = InputOpti
     device = module.device if module is not None else torch.device("cpu")
     with torch.no_grad():
         outputs = adapter.predict(to_device({**case.images, **adapter.extras(case)}, device), case, progress)
+    getattr(progress, "finish", lambda: None)()
     return {name: Output(restore(out, case, adapter, pipeline), out.kind, out.spacing) for name, out in outputs.items()}
 
 
@@ -281,6 +288,8 @@ def restore(output: Output, case: Case, adapter: TaskAdapter, pipeline: Compose)
         array = T.invert(array, case.images[role], pipeline, nearest=output.kind == "label").as_tensor()
     if output.kind == "image" and not _png_main(adapter, case):
         array = denormalise(array, case.images[f"{role}_bounds"])
+    if case.raw[role].meta.get("single_slice_volume") and array.ndim == 3:
+        array = array[..., None]  # back onto the file's (X, Y, 1) grid
     return array.round().to(torch.int16) if output.kind == "label" else array
 
 
@@ -349,7 +358,8 @@ def provenance(adapter: TaskAdapter, case: Case, settings: dict[str, Any], secon
     from medidiff.core import nfe_of
 
     sampling = settings.get("sampler") and {"nfe": nfe_of(settings["sampler"], settings["steps"])}
-    return {"case": case.name, "inputs": {role: str(p) for role, p in case.sources.items()}, "settings": settings,
+    return {"case": case.name, "inputs": {role: str(p) for role, p in case.sources.items()},
+            "input_sha256": input_digest(case.sources), "settings": settings,
             **(sampling or {}), "labels": adapter.contract.get("labels") or None, "checks": case.record,
             "seconds": round(seconds, 3), "medidiff": medidiff.__version__, "torch": torch.__version__,
             "monai": monai.__version__, "machine": platform.machine()}
@@ -365,21 +375,55 @@ def run_settings(adapter: TaskAdapter, options: InputOptions) -> dict[str, Any]:
 
 
 def finished(output: Path, case: Case, settings: dict[str, Any]) -> bool:
-    """True for a case finished with these settings; a case finished with others is refused."""
-    path = provenance_path(output, case.name)
-    if not path.exists():
+    """True for a case finished with these settings on these very inputs (same content, not only the same
+    name); a case finished with other settings is refused."""
+    earlier = _provenance(output, case)
+    if earlier is None:
         return False
+    if earlier.get("settings") != io._strict_json(settings):
+        differ = sorted(k for k in set(settings) | set(earlier.get("settings") or {})
+                        if (earlier.get("settings") or {}).get(k) != settings.get(k))
+        raise MedidiffError(f"holds results of a run with other settings ({', '.join(differ)} differ); write this "
+                            "run to another --output folder", output)
+    return earlier.get("input_sha256") == input_digest(case.sources)
+
+
+def _provenance(output: Path, case: Case) -> dict[str, Any] | None:
     import json
 
+    path = provenance_path(output, case.name)
+    if not path.exists():
+        return None
     try:
-        earlier = json.loads(path.read_text()).get("settings")
-    except (OSError, ValueError, AttributeError):
-        return False  # an unreadable record: the case is done again
-    if earlier == io._strict_json(settings):
-        return True
-    differ = sorted(k for k in set(settings) | set(earlier or {}) if (earlier or {}).get(k) != settings.get(k))
-    raise MedidiffError(f"holds results of a run with other settings ({', '.join(differ)} differ); write this "
-                        "run to another --output folder", output)
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # an unreadable record: the case is done again
+    return record if isinstance(record, dict) else None
+
+
+def _progress(factory: ProgressFactory | None, name: str) -> Callable[[int, int], None] | None:
+    """The case's progress report; one that the model never fed (a deterministic network takes no steps) is
+    completed when the case is, instead of standing at "0/None"."""
+    if factory is None:
+        return None
+    report, fed = factory(name), []
+
+    def progress(done: int, total: int) -> None:
+        fed.append(done)
+        report(done, total)
+
+    progress.finish = lambda: fed or report(1, 1)  # type: ignore[attr-defined]
+    return progress
+
+
+def _clipping_note(adapter: TaskAdapter, case: Case) -> str:
+    """Said where an image output holds input voxels at the bounds of the model's intensity scale."""
+    counts = [((case.record.get(role) or {}).get("intensity") or {}).get("clipped_voxels") or 0
+              for role in adapter.roles]
+    if not adapter.keeps_units or not sum(counts):
+        return ""
+    return (f"; {sum(counts)} input voxel(s) lay beyond the model's intensity scale and are held at its bounds in "
+            "the output (provenance: checks, intensity)")
 
 
 def infer(adapter: TaskAdapter, inputs: Mapping[str, str | os.PathLike], output: str | os.PathLike, *,
@@ -395,17 +439,23 @@ def infer(adapter: TaskAdapter, inputs: Mapping[str, str | os.PathLike], output:
     """
     output, cases = Path(output), list_cases(inputs)
     check_output_dir(output, [p for case in cases for p in case.sources.values()] + [Path(p) for p in inputs.values()])
-    for stale in io.clear_partial_writes(output):
-        report(f"removed {stale.name}, a partial file of an interrupted run")
-    settings = run_settings(adapter, options)
+    with folder_lock(output):
+        for stale in io.clear_partial_writes(output):
+            report(f"removed {stale.name}, a partial file of an interrupted run")
+        return _run_cases(adapter, cases, output, run_settings(adapter, options), options, report, progress_factory)
+
+
+def _run_cases(adapter: TaskAdapter, cases: list[Case], output: Path, settings: dict[str, Any],
+               options: InputOptions, report: Report, progress_factory: ProgressFactory | None) -> list[Path]:
     pending = [case for case in cases if not finished(output, case, settings)]
     if len(pending) < len(cases):
-        report(f"{len(cases) - len(pending)} case(s) finished with these settings before: skipped")
+        report(f"{len(cases) - len(pending)} case(s) finished with these settings on the same inputs before: "
+               "skipped")
     written, failed = [], []
     for case in pending:
         start = time.perf_counter()
         try:
-            outputs = run_case(adapter, case, options, progress_factory(case.name) if progress_factory else None)
+            outputs = run_case(adapter, case, options, _progress(progress_factory, case.name))
         except MedidiffError as error:
             if len(cases) == 1:
                 raise
@@ -416,7 +466,7 @@ def infer(adapter: TaskAdapter, inputs: Mapping[str, str | os.PathLike], output:
         if adapter.contract.get("labels") and not written:  # the class names of the label maps, for evaluate
             written.append(io.write_json(output / "labels.json", adapter.contract["labels"]))
         written += write_case(adapter, case, outputs, output, info)
-        report(f"{case.name}: done in {info['seconds']:.1f} s")
+        report(f"{case.name}: done in {info['seconds']:.1f} s{_clipping_note(adapter, case)}")
     if failed:
         raise MedidiffError(f"{len(failed)} of {len(cases)} case(s) failed ({', '.join(failed)}); the others were "
                             f"written to {output}")

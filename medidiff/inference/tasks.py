@@ -79,6 +79,7 @@ class Case:
 class TaskAdapter(Protocol):
     task: str
     roles: tuple[str, ...]
+    keeps_units: bool  # writes an image in the input's units
     resample: bool  # preprocess onto the training orientation and spacing, and invert afterwards
     png_main: bool  # 2D image files in -> the main output as PNG (fusion), else NIfTI
     contract: dict[str, Any]
@@ -94,6 +95,7 @@ class ModelTask:
     roles: tuple[str, ...] = ("image",)
     resample = False
     png_main = False
+    keeps_units = False  # writes an image in the input's units, so clipping the input changes the output
     # slices per sampler call; each call draws its noise from the seed, so results depend on it (kept per task
     # as the published figures were made: restoration sampled all slices of a volume in one batch)
     slice_batch: int | None = 8
@@ -103,8 +105,10 @@ class ModelTask:
         self.task = contract["task"]
 
     def settings(self) -> dict[str, Any]:
-        return {"task": self.task, "checkpoint": self.checkpoint, "module": type(self.module).__name__,
-                **asdict(self.options)}
+        options = asdict(self.options)
+        if not hasattr(self.module, "denoiser"):  # a deterministic network: no sampler, steps or grid
+            options = {k: v for k, v in options.items() if k not in ("sampler", "steps", "grid")}
+        return {"task": self.task, "checkpoint": self.checkpoint, "module": type(self.module).__name__, **options}
 
     def extras(self, case: Case) -> dict[str, Tensor]:
         return {}
@@ -203,6 +207,8 @@ def segmentation_outputs(module: Any, probs: Tensor, fusion: str) -> dict[str, O
 class RestorationTask(ModelTask):
     """The restored image on the input's own grid; with ``--mask``, k-space consistency at every step."""
 
+    keeps_units = True
+
     slice_batch = None  # all slices at once
 
     def __init__(self, module, contract, options, checkpoint, mask: Path | None = None):
@@ -211,8 +217,10 @@ class RestorationTask(ModelTask):
         self.mask = None if mask is None else read_kspace_mask(mask)
 
     def settings(self) -> dict[str, Any]:
+        # what is applied: k-space consistency needs the mask
+        applied = self.mask is not None and bool(self.module.hparams.get("consistency", True))
         return super().settings() | {"mask": None if self.mask_path is None else str(self.mask_path),
-                                     "consistency": bool(self.module.hparams.get("consistency", True))}
+                                     "consistency": applied}
 
     def extras(self, case: Case) -> dict[str, Tensor]:
         """The mask on the scan's grid ``(1, *spatial)``: an in-plane ``(H, W)`` mask serves every slice."""
@@ -262,8 +270,15 @@ class SuperResTask(ModelTask):
     """The high-resolution image: the input's field of view at the voxel size divided by the model's factors;
     the condition is built from the low-resolution input exactly as the trained degradation built it."""
 
+    keeps_units = True
+
     def settings(self) -> dict[str, Any]:
-        return super().settings() | {"consistency": bool(self.module.hparams.get("consistency", True))}
+        applied = bool(self.module.hparams.get("consistency", True)) and self._exact()
+        return super().settings() | {"consistency": applied}
+
+    def _exact(self) -> bool:
+        """The consistency step holds the box-average forward model, the one "model: average" trains with."""
+        return (self.contract.get("degradation") or {}).get("downsample", {}).get("model", "average") == "average"
 
     def predict(self, tensors: dict[str, Tensor], case: Case, progress: Progress | None) -> dict[str, Output]:
         from medidiff.data.degrade import interpolate_back
@@ -274,9 +289,7 @@ class SuperResTask(ModelTask):
                                 case.sources["image"])
         options = (self.contract.get("degradation") or {}).get("downsample", {})
         cond = interpolate_back(low, factors, options.get("interpolation", "linear"))[None] * 2 - 1
-        # the consistency step holds the box-average forward model, the one "model: average" trains with
-        exact = options.get("model", "average") == "average"
-        hook = self.module.measurement_hook({"low_res": low[None]}) if exact else None
+        hook = self.module.measurement_hook({"low_res": low[None]}) if self._exact() else None
         high = self.module.estimate(cond, hook=hook, patch_size=self.contract.get("patch_size"),
                                     **self.sampling(progress))[0]
         spacing = tuple(float(s) / f for s, f in zip(case.record["spacing"], factors))
