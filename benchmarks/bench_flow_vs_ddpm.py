@@ -40,7 +40,7 @@ def main() -> None:
     plan = [Row("zero_filled", inputs, note="the input itself")]
     if args.unet:
         plan += [Row("unet_dc", inputs, args.unet, ["--mask", str(mask)]),
-                 Row("unet", inputs, args.unet, ["--allow", "degradation"])]
+                 Row("unet", inputs, args.unet, ["--mask", str(mask), "--no-consistency"])]
     extra = {name: shlex.split(value) for name, _, value in (e.partition("=") for e in args.extra)}
     for entry in args.model:
         name, _, ckpt_and_nfe = entry.partition("=")

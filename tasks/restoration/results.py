@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     refs, inputs, mask = held_aside_cases(args.out)
     dc = ["--mask", str(mask)]
-    no_dc = ["--allow", "degradation"]  # a k-space model run without its mask: what consistency adds
+    no_dc = ["--mask", str(mask), "--no-consistency"]  # the network alone: what consistency adds
     plan = [Row("zero_filled", inputs, note="the input itself"),
             Row("unet", inputs, args.unet, no_dc, note="no consistency"),
             Row("unet_dc", inputs, args.unet, dc),
