@@ -19,3 +19,15 @@ def test_last_checkpoint_holds_the_final_step_not_the_last_scheduled_one(tmp_pat
     saved = {p.name: read_checkpoint(p)["global_step"] for p in tmp_path.rglob("*.ckpt")}
     assert saved.pop("last.ckpt") == 7, saved
     assert list(saved.values()) == [5], saved  # the scheduled save, kept as the one top-k file
+
+
+def test_the_step_count_chosen_on_validation_is_the_best_and_the_fewest_on_ties():
+    from types import SimpleNamespace
+
+    from medidiff.lit.base import choose_steps
+
+    hparams = SimpleNamespace(sampler="dpmpp_2m", grid="exponential")
+    assert choose_steps({1: 0.90, 2: 0.95, 5: 0.95, 10: 0.93}, ("dice", "max"), hparams, 7)["steps"] == 2
+    assert choose_steps({10: 0.30, 5: 0.30, 1: 0.50}, ("loss", "min"), hparams, 7)["steps"] == 5
+    chosen = choose_steps({1: 0.5, 2: 0.4}, ("loss", "min"), hparams, 7)
+    assert chosen["steps"] == 2 and chosen["chosen_by"] == "validation" and chosen["global_step"] == 7

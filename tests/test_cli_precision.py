@@ -24,3 +24,13 @@ def test_bf16_falls_back_to_float32_only_on_a_cpu_without_bf16(monkeypatch, caps
     assert trainer["precision"] == expected
     said = capsys.readouterr().err
     assert ("AVX512-BF16" in said) == (expected != precision)
+
+
+def test_runs_on_cpu_follows_the_accelerator_and_the_hardware(monkeypatch):
+    import torch
+
+    for cuda in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+        assert cli.runs_on_cpu("auto") is (not cuda) and cli.runs_on_cpu(None) is (not cuda)
+        assert cli.runs_on_cpu("cpu") is True and cli.runs_on_cpu("gpu") is False

@@ -54,3 +54,15 @@ def test_training_with_recycling_updates_a_real_network():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters() if p.requires_grad)
+
+
+def test_the_loss_noises_the_recycled_estimate_not_the_truth(monkeypatch):
+    """Inside the training loss the network must see ``x_t`` built from its own estimate (0.25), not from the
+    truth (-1). Timesteps are held at t = 0, where ``x_t`` is the source up to 1 % noise."""
+    for fraction, expected in ((1.0, 0.25), (0.0, -1.0)):
+        module = _module(fraction)
+        monkeypatch.setattr(module, "draw_timesteps", lambda batch, device, generator=None: torch.zeros(
+            batch, dtype=torch.long, device=device))
+        module._loss({"image": torch.randn(4, 1, 8, 8), "label": torch.zeros(4, 1, 8, 8)}, "train")
+        x, t = module.net.seen[-1]  # the loss's own call, after the recycling call
+        assert torch.equal(t, torch.zeros(4)) and abs(float(x.mean()) - expected) < 0.05, (fraction, float(x.mean()))

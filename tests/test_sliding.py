@@ -61,3 +61,27 @@ def test_window_weights_are_gaussian_without_a_floor():
     assert weights.max() <= 1 and weights[0, 0, 0, 0, 0] < 1e-9  # MONAI would clamp this corner to 1e-3
     assert torch.allclose(weights, weights.flip(2).flip(3).flip(4))
     assert window_weights((32, 32, 32), "constant") is None
+
+
+@pytest.mark.parametrize("task,ckpt", [("segmentation", "segmentation_ct_3d"), ("superres", "superres_ct_3d")])
+def test_a_volume_larger_than_the_window_is_sampled_in_windows(tmp_path, monkeypatch, task, ckpt):
+    """File-level inference of a volume larger than the training patch: the network never sees more than a
+    window (padded to its size multiple), whatever the task."""
+    import nibabel as nib
+    import numpy as np
+
+    from medidiff.cli import main
+    from tests.conftest import REPO
+
+    seen = []
+    forward = ConditionalUNet.forward
+    monkeypatch.setattr(ConditionalUNet, "forward", lambda self, x, t, cond=None: (
+        seen.append(tuple(x.shape[2:])), forward(self, x, t, cond))[1])
+    source = nib.load(REPO / "medidiff/sample_data/totalseg_ct/ct_a.nii.gz")
+    volume = np.clip(np.asanyarray(source.dataobj).astype(np.float32), -1000, 1000)
+    scan = tmp_path / "in" / "ct.nii.gz"
+    scan.parent.mkdir()
+    nib.save(nib.Nifti1Image(volume[:, :, ::4] if task == "superres" else volume, source.affine), scan)
+    assert main(["infer", "--task", task, "--ckpt", ckpt, "--input", str(scan), "--output", str(tmp_path / "out"),
+                 "--steps", "1"]) == 0
+    assert seen and max(max(shape) for shape in seen) <= 48, sorted(set(seen))
