@@ -12,8 +12,11 @@ Train first (seed 0):
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
-from medidiff.results import distillation_arguments, machine, task_script, training_steps
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/ helpers
+from benchmarks.results import distillation_arguments, machine, task_script, training_steps  # noqa: E402
 
 
 def main() -> None:

@@ -13,8 +13,11 @@ Train first (seed 0):
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
-from medidiff.results import Row, distillation_arguments, image_table, run_image_row, task_script, training_steps
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/ helpers
+from benchmarks.results import Row, distillation_arguments, image_table, run_image_row, task_script, training_steps  # noqa: E402
 
 
 def main() -> None:

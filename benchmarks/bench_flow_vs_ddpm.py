@@ -20,9 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 from pathlib import Path
 
-from medidiff.results import Row, image_table, run_image_row, task_script
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: benchmarks/ helpers
+from benchmarks.results import Row, image_table, run_image_row, task_script  # noqa: E402
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ of those; never a class or callable — and numbers that size memory or time aga
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import inspect
 import math
 import types
@@ -47,10 +48,14 @@ def parameters(*functions: Any) -> dict[str, Any]:
 
 
 def check_arguments(accepted: dict[str, Any], values: dict[str, Any], where: Any, what: str = "setting") -> None:
-    """Refuse, naming the first offending key, any value not of its parameter's type or beyond its bound."""
+    """Refuse, naming the first offending key, any value not of its parameter's type or beyond its bound (the
+    fields of a dataclass-typed parameter, given as a mapping, are checked the same way)."""
     for name, value in values.items():
         if name not in accepted:
             raise MedidiffError(f"holds the {what} '{name}', which this medidiff version does not know", where)
+        if dataclasses.is_dataclass(accepted[name]) and isinstance(value, dict):
+            check_arguments(typing.get_type_hints(accepted[name]), value, where, f"{what} {name}:")
+            continue
         if not fits(value, accepted[name]):
             raise MedidiffError(f"holds the {what} {name}={_show(value)}, which is not a valid "
                                 f"{_describe(accepted[name])}", where)
@@ -77,6 +82,9 @@ def fits(value: Any, annotation: Any) -> bool:
     if origin in (dict, collections.abc.Mapping):
         keys, items = args if args else (Any, Any)
         return isinstance(value, dict) and all(fits(k, keys) and fits(v, items) for k, v in value.items())
+    if dataclasses.is_dataclass(annotation):
+        hints = typing.get_type_hints(annotation)
+        return isinstance(value, dict) and all(k in hints and fits(v, hints[k]) for k, v in value.items())
     return _scalar(value, annotation)
 
 

@@ -80,10 +80,30 @@ def config_error(message: str) -> str:
     classes = re.findall(r"class_path '([\w.]+)'", text)
     owner = classes[-1] if classes else {"data": "medidiff.data.datamodule.MedicalDataModule",
                                          "trainer": "lightning.pytorch.Trainer"}.get(key.split(".")[0], "")
-    hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], _parameters(owner), n=1)
+    hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], _parameters(owner), n=1) or \
+        _nested_home(key if "." in key or not owner.startswith("medidiff.lit") else f"model.init_args.{key}")
     where = f" of {owner}" if owner else ""
     return (f"unknown configuration key '{key}'{where}" + (f"; did you mean '{hint[0]}'?" if hint else "")
             + " (medidiff fit --help lists them)")
+
+
+def _nested_home(key: str) -> list[str]:
+    """A model setting given where it does not live: task settings are under ``model.init_args.task.init_args``,
+    the denoiser's under ``model.init_args.diffusion``."""
+    import dataclasses
+
+    from medidiff.arguments import parameters
+    from medidiff.lit.diffusion import DiffusionSettings
+    from medidiff.tasks import REGISTRY
+
+    prefix, _, name = key.rpartition(".")
+    if not prefix.endswith("model.init_args"):
+        return []
+    if name in {field.name for field in dataclasses.fields(DiffusionSettings)}:
+        return [f"{prefix}.diffusion.{name}"]
+    if any(name in parameters(cls) for cls in REGISTRY.values()):
+        return [f"{prefix}.task.init_args.{name}"]
+    return []
 
 
 def invalid_value(message: str) -> str | None:
@@ -258,30 +278,44 @@ def writable_root(root) -> None:
 
 
 def fill_from_card(config) -> None:
-    """Check (or fill, where null) ``cond_channels`` / ``in_channels`` of the network and ``num_classes`` of the
-    model against the card the data module will load (``config``: the subcommand's jsonargparse namespace)."""
+    """Check (or fill, where null) the task's card-given settings (``num_classes``) and the network's condition
+    channels (``cond_channels`` of a diffusion network, ``in_channels`` of a supervised one) against the card the
+    data module will load (``config``: the subcommand's jsonargparse namespace)."""
     from medidiff.data.cards import load_card
-    from medidiff.lit.segmentation import mask_channels
+    from medidiff.tasks import task_named
 
     data, model = config["data"], config["model"]
     card = load_card(data["card"], check_files=False)
-    task = data.get("task") or "segmentation"
     init = model.get("init_args") or {}
+    spec = init.get("task") or {}
+    task = task_named(str(spec.get("class_path", "")))
+    if task is None:
+        return  # not a medidiff task: its own checks apply
+    if data.get("task") != task.name:
+        raise MedidiffError(f"the model's task is {task.name} but data.task is {data.get('task')!r}; set --data.task "
+                            f"{task.name}")
+    settings = spec.get("init_args") or {}
+    for key, value in task.card_settings(card).items():
+        if key in settings:
+            _settle(settings, key, value, f"model.init_args.task.init_args.{key}",
+                    f"card '{card.name}' names {value} classes ({', '.join(card.labels)})")
+    _settle_condition(init, card, task, dict(settings), str(model.get("class_path", "")))
+
+
+def _settle_condition(init, card, task, settings: dict, system_path: str) -> None:
+    from medidiff.lit.registry import system_named
+
     net = (init.get("net") or {}).get("init_args") or {}
-    net_class = str((init.get("net") or {}).get("class_path", ""))
-    channels = len(card.inputs["image"].use) if task != "fusion" and "image" in card.inputs else None
-    names = ", ".join(card.inputs["image"].use) if channels else ""
-    if task == "segmentation" and "num_classes" in init:
-        _settle(init, "num_classes", card.num_classes, "model.init_args.num_classes",
-                f"card '{card.name}' names {card.num_classes} classes ({', '.join(card.labels)})")
-    field = "cond_channels" if net_class.endswith("ConditionalUNet") else "in_channels"
-    if channels is not None and field in net:
-        # a residual model is also conditioned on its predictor's estimate: one channel per diffused class
-        estimate = mask_channels(init.get("num_classes") or 2) if str(model.get("class_path", "")).endswith(
-            "ResidualSegmentationDiffusion") else 0
-        plus = f" plus {estimate} of the predictor's estimate" if estimate else ""
-        _settle(net, field, channels + estimate, f"model.init_args.net.init_args.{field}",
-                f"card '{card.name}' gives {channels} image channel(s) ({names}){plus}; or choose channels with "
+    field = "cond_channels" if str((init.get("net") or {}).get("class_path", "")).endswith("ConditionalUNet") \
+        else "in_channels"
+    diffused, condition = task.channels(card, settings)
+    system = system_named(system_path)
+    expected = system.condition_channels(condition, diffused) if system is not None else condition
+    if field in net and condition:
+        names = ", ".join(card.inputs["image"].use) if "image" in card.inputs else ""
+        plus = f" plus {expected - condition} of the predictor's estimate" if expected != condition else ""
+        _settle(net, field, expected, f"model.init_args.net.init_args.{field}",
+                f"card '{card.name}' gives {condition} image channel(s) ({names}){plus}; or choose channels with "
                 "the card's inputs.image.use")
 
 

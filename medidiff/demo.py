@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from medidiff import io
-from medidiff.checkpoint import load_module
 from medidiff.core.operators import kspace_mask, undersample
 from medidiff.errors import MedidiffError
-from medidiff.inference import InputOptions, SamplingOptions, adapter_for, infer
+from medidiff.inference import InputOptions, SamplingOptions, infer
+from medidiff.inference.model import Model
+from medidiff.lit.registry import load_system
 from medidiff.metrics import evaluate as E
 from medidiff.report import markdown_table, middle_slice, panel
 
@@ -32,9 +33,11 @@ HELD_OUT_SLAB = (58, 70)  # axial slices of the 2 mm MNI sample never seen in tr
 def _run(task: str, name: str, inputs: dict, out: Path, options: SamplingOptions, log,
          allow: frozenset[str] = frozenset(), **task_options) -> None:
     """``medidiff infer`` on a shipped model, with the demo's fixed sampling options."""
-    module, _ = load_module(weights(name), task=task)
-    infer(adapter_for(task, module, module.contract, options, str(weights(name)), **task_options), inputs, out,
-          options=InputOptions(allow=allow), report=log)
+    system, _ = load_system(weights(name), task=task)
+    task_options = {**task_options, "contract": system.contract, "allow": tuple(allow)}
+    system.task.prepare(system, system.contract, task_options, weights(name))
+    model = Model(system, system.task, system.contract, options, task_options, str(weights(name)))
+    infer(model, inputs, out, options=InputOptions(allow=allow), report=log)
 
 
 def weights(name: str) -> Path:
@@ -124,8 +127,8 @@ def superres(out: Path, options: SamplingOptions, log: Callable[[str], None]) ->
     hr_path.parent.mkdir(parents=True, exist_ok=True)
     hr = nib.load(SAMPLES / "totalseg_ct/ct_b.nii.gz")
     nib.save(hr, hr_path)
-    module, _ = load_module(weights("superres_ct_3d"), task="superres")
-    factors = [int(f) for f in module.hparams.factors]
+    system, _ = load_system(weights("superres_ct_3d"), task="superres")
+    factors = [int(f) for f in system.task.factors]
     from medidiff.core.operators import downsample
 
     low = downsample(torch.from_numpy(_volume(hr_path))[None, None], factors)[0, 0].numpy()
@@ -195,6 +198,7 @@ def _row(task: str, result: dict, columns: dict[str, str], picture: Path) -> dic
     return row
 
 
+ENSEMBLES = ("segmentation_2d", "segmentation_3d")  # the parts whose outputs show an ensemble's uncertainty
 TASKS = {"segmentation_2d": segmentation_2d, "segmentation_3d": segmentation_3d, "restoration": restoration,
          "superres": superres, "fusion": fusion}
 
@@ -211,7 +215,7 @@ def run_demo(out: str | Path, *, steps: int = 10, ensemble: int = 3, only: list[
         log(f"[demo] {name}")
         task_start = time.perf_counter()
         options = SamplingOptions(sampler="dpmpp_2m", steps=steps, grid="exponential",
-                                  ensemble=ensemble if name.startswith("segmentation") else 1, seed=0)
+                                  ensemble=ensemble if name in ENSEMBLES else 1, seed=0)
         row = task(out, options, log)
         seconds = round(time.perf_counter() - task_start, 1)
         row["NFE"], row["ensemble"], row["seconds"] = steps, options.ensemble, seconds

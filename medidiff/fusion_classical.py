@@ -124,3 +124,22 @@ CLASSICAL_FUSION: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "max_abs": fuse_max_abs,
     "laplacian": fuse_laplacian,
 }
+
+
+class ClassicalFusion:
+    """A classical method in the place of a trained system: ``predict(inputs) -> (1, B, 1, *spatial)`` of the
+    sources ``source_a`` / ``source_b`` ``(B, 1, *spatial)`` in ``[0, 1]``; sampler settings are ignored."""
+
+    iterative = False
+    stochastic = False
+    spatial_dims = None  # whole images or volumes, never slice by slice
+
+    def __init__(self, method: str):
+        from medidiff.errors import MedidiffError
+
+        if method not in CLASSICAL_FUSION:
+            raise MedidiffError(f"unknown fusion method '{method}'; choose one of {', '.join(CLASSICAL_FUSION)}")
+        self.method, self.fuser = method, CLASSICAL_FUSION[method]
+
+    def predict(self, inputs: dict[str, Tensor], **sampling: object) -> Tensor:
+        return self.fuser(inputs["source_a"], inputs["source_b"]).clamp(0, 1)[None]

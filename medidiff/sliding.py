@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from torch import Tensor
 
+from medidiff.core.padding import crop, pad_to_multiple, stride_multiple
+
 
 class SlidingWindowDenoiser:
     """Wrap ``denoiser(x, sigma, cond=None) -> x0_hat`` to run window by window.
@@ -110,3 +112,11 @@ def gaussian_window_weights(roi_size: Sequence[int], sigma_scale: float = 0.125,
     for profile in profiles[1:]:
         weights = weights[..., None] * profile
     return weights[None, None]
+
+
+def network_logits(net: torch.nn.Module, image: Tensor, roi: Sequence[int] | None) -> Tensor:
+    """``net(image)`` over the whole image, or with sliding windows of ``roi`` (no larger than the image)."""
+    # sizes the network's strides must divide, for the whole image as for each window
+    padded, pad = pad_to_multiple(image, stride_multiple(net))
+    logits = net(padded) if not roi else window_inference(padded, roi, 8, net, mode="constant")
+    return crop(logits, pad)

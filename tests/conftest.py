@@ -28,3 +28,14 @@ def tiny_seg_checkpoint(tmp_path_factory) -> Path:
     checkpoints = sorted(root.rglob("*.ckpt"))
     assert checkpoints, "training wrote no checkpoint"
     return checkpoints[-1]
+
+
+def export_untrained(module, data: dict, path: Path) -> Path:
+    """Write ``module`` (built in Python, untrained) as ``medidiff export`` would, with the contract of the data it
+    would be trained on: ``data`` are data-module settings (``card``, ``task``, ``patch_size`` ...)."""
+    from medidiff.data.datamodule import MedicalDataModule
+    from medidiff.inference.contract import build_contract
+    from medidiff.lit.registry import export
+
+    module.contract = build_contract(MedicalDataModule(**data), module) | {"sampling": module.contract_sampling()}
+    return export(module, data, path)

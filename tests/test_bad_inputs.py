@@ -220,14 +220,15 @@ def infer_argv(checkpoint: Path, source: Path, output: Path, task: str = "segmen
 @pytest.fixture(scope="module")
 def tiny_3d_checkpoint(tmp_path_factory) -> Path:
     """An untrained 3D segmentation model for the sample CT card, written by ``export``."""
-    from medidiff.checkpoint import export
-    from medidiff.lit import SegmentationDiffusion
+    from medidiff.lit import DiffusionModule
     from medidiff.nets import ConditionalUNet
+    from medidiff.tasks import Segmentation
+    from tests.conftest import export_untrained
 
     net = ConditionalUNet(spatial_dims=3, in_channels=6, cond_channels=1, channels=(8, 16), norm_num_groups=4)
-    module = SegmentationDiffusion(num_classes=6, net=net)
-    return export(module, {"card": "sample_ct", "patch_size": [16, 16, 16]},
-                  tmp_path_factory.mktemp("ckpt3d") / "seg3d.ckpt")
+    module = DiffusionModule(net=net, task=Segmentation(num_classes=6))
+    return export_untrained(module, {"card": "sample_ct", "task": "segmentation", "patch_size": [16, 16, 16]},
+                            tmp_path_factory.mktemp("ckpt3d") / "seg3d.ckpt")
 
 
 def test_infer_missing_input(tiny_seg_checkpoint, tmp_path, capsys):
@@ -290,7 +291,7 @@ def test_infer_refuses_a_checkpoint_of_another_task(tiny_3d_checkpoint, tmp_path
 @pytest.mark.parametrize(
     ("edit", "fragments"),
     [
-        (lambda c: c["hyper_parameters"].update(warp_speed=9), ["setting 'warp_speed'", "does not know"]),
+        (lambda c: c["medidiff"]["settings"].update(warp_speed=9), ["setting 'warp_speed'", "does not know"]),
         (lambda c: c["medidiff"]["net_config"].update(class_path="os.system"), ["refused network class 'os.system'"]),
         (lambda c: c["medidiff"]["net_config"]["init_args"].update(channels="many"),
          ["network setting channels='many'", "not a valid"]),

@@ -24,7 +24,7 @@ def test_last_checkpoint_holds_the_final_step_not_the_last_scheduled_one(tmp_pat
 def test_the_step_count_chosen_on_validation_is_the_best_and_the_fewest_on_ties():
     from types import SimpleNamespace
 
-    from medidiff.lit.base import choose_steps
+    from medidiff.callbacks import choose_steps
 
     hparams = SimpleNamespace(sampler="dpmpp_2m", grid="exponential")
     assert choose_steps({1: 0.90, 2: 0.95, 5: 0.95, 10: 0.93}, ("dice", "max"), hparams, 7)["steps"] == 2

@@ -39,7 +39,8 @@ def check_image(x, batch: int, channels: int, spatial: tuple, meta: bool = True)
 
 def test_segmentation_3d_batch():
     dm = MedicalDataModule("sample_ct", "segmentation", patch_size=[32, 32, 16], **{**SMALL, "cache": True})
-    assert (dm.num_classes, dm.in_channels, dm.spatial_dims) == (6, 1, 3)
+    assert dm.task.card_settings(dm.card) == {"num_classes": 6} and dm.spatial_dims == 3
+    assert dm.task.channels(dm.card, {"num_classes": 6}) == (6, 1)  # one-hot of 6 classes, given the CT
     dm.setup("fit")
     b = first(dm.train_dataloader())
     check_image(b["image"], 1, 1, (32, 32, 16), meta=False)  # cached training patches are plain tensors
@@ -109,7 +110,7 @@ def test_kspace_restoration_has_mask():
 
 def test_fusion_batches():
     dm = MedicalDataModule("sample_fusion", "fusion", patch_size=[48, 48], **SMALL)
-    assert dm.in_channels == 1 and dm.num_classes == 0
+    assert dm.task.channels(dm.card, {}) == (1, 0)  # the luma, unconditional
     dm.setup("fit")
     assert len(dm.datasets["train"]) == 12  # 6 pairs, both modalities
     check_image(first(dm.train_dataloader())["image"], 2, 1, (48, 48))

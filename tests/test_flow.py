@@ -137,20 +137,22 @@ def test_min_snr_weighting_is_refused_for_flow_matching():
 
 
 def test_a_task_module_trains_and_samples_with_the_flow_objective():
-    from medidiff.lit import SegmentationDiffusion
+    from medidiff.lit import DiffusionModule
     from medidiff.nets import ConditionalUNet
+    from medidiff.tasks import Segmentation
 
     torch.manual_seed(0)
     net = ConditionalUNet(spatial_dims=2, in_channels=1, cond_channels=1, channels=[8, 16], num_res_blocks=1,
                           norm_num_groups=4)
-    module = SegmentationDiffusion(net=net, num_classes=2, prediction_type="v", objective="flow",
-                                   terminal_fraction=0.5, recycle_fraction=0.5)
+    module = DiffusionModule(net=net, task=Segmentation(num_classes=2),
+                             diffusion={"prediction_type": "v", "objective": "flow"}, terminal_fraction=0.5,
+                             recycle_fraction=0.5)
     assert isinstance(module.denoiser, FlowDenoiser)
     batch = {"image": torch.randn(2, 1, 16, 16), "label": (torch.rand(2, 1, 16, 16) > 0.5).long()}
     loss = module.training_step(batch, 0)
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in module.net.parameters() if p.requires_grad)
-    probability = module.eval().predict_probabilities(batch["image"], steps=2, ensemble=2, seed=0)
+    probability = module.eval().predict({"image": batch["image"]}, steps=2, ensemble=2, seed=0)
     assert probability.shape == (2, 2, 1, 16, 16) and ((0 <= probability) & (probability <= 1)).all()
     with pytest.raises(ValueError, match="ddpm or flow"):
-        SegmentationDiffusion(net=net, num_classes=2, objective="rflow")
+        DiffusionModule(net=net, task=Segmentation(num_classes=2), diffusion={"objective": "rflow"})

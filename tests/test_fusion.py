@@ -13,13 +13,16 @@ import torch
 
 from medidiff import io
 from medidiff.cli import main
+from medidiff.core.fusion_likelihood import FusionLikelihood, grad, grad_adjoint
 from medidiff.data.custom import rgb_to_ycbcr
 from medidiff.errors import MedidiffError
 from medidiff.fusion_classical import fuse_average, fuse_laplacian, fuse_max_abs, laplacian_pyramid
-from medidiff.inference import SamplingOptions, adapter_for, from_checkpoint, infer
-from medidiff.inference.tasks import fusion_contract
-from medidiff.lit.fusion import FusionDiffusion, FusionLikelihood, grad, grad_adjoint, restore_colour
+from medidiff.inference import SamplingOptions, from_checkpoint, infer
+from medidiff.inference.model import Model
+from medidiff.lit import DiffusionModule
 from medidiff.nets import ConditionalUNet
+from medidiff.tasks import Fusion
+from medidiff.tasks.fusion import classical_contract, restore_colour
 from tests.conftest import REPO, SHARED
 
 SHAPES = {"2d": (2, 1, 32, 32), "3d": (1, 1, 16, 16, 16)}
@@ -130,14 +133,15 @@ def test_restore_colour_round_trips_a_colour_image():
 # ---------------------------------------------------------------------------------------------- module
 
 
-def _tiny_module(**kwargs) -> FusionDiffusion:
+def _tiny_module(**kwargs) -> DiffusionModule:
+    """A fusion prior; ``kwargs`` are the fusion task's (likelihood) settings."""
     net = ConditionalUNet(2, 1, 0, channels=(8, 16), norm_num_groups=8)
-    return FusionDiffusion(net=net, steps=3, **kwargs).eval()
+    return DiffusionModule(net=net, task=Fusion(**kwargs), steps=3).eval()
 
 
 def test_module_needs_an_unconditional_prior():
     with pytest.raises(ValueError, match="cond_channels=0"):
-        FusionDiffusion(net=ConditionalUNet(2, 1, 1, channels=(8, 16), norm_num_groups=8))
+        DiffusionModule(net=ConditionalUNet(2, 1, 1, channels=(8, 16), norm_num_groups=8), task=Fusion())
 
 
 def test_predict_on_a_test_batch_returns_fused_luma_and_colour_from_the_chroma():
@@ -148,7 +152,7 @@ def test_predict_on_a_test_batch_returns_fused_luma_and_colour_from_the_chroma()
     batch = {"source_a": a, "source_b": b, "source_b_chroma": chroma}
     luma = module.predict(batch, ensemble=2)
     assert luma.shape == (2, 2, 1, 24, 20) and 0 <= luma.min() and luma.max() <= 1
-    rgb = module.colour(luma.mean(0), batch)
+    rgb = restore_colour(luma.mean(0), batch["source_b_chroma"])
     assert rgb.shape == (2, 3, 24, 20) and (rgb[:, 0] >= rgb[:, 2]).all()
     again = module.predict(batch, ensemble=2)
     assert torch.equal(luma, again)  # seeded
@@ -160,10 +164,13 @@ def test_predict_on_a_test_batch_returns_fused_luma_and_colour_from_the_chroma()
 def fusion_infer(a, b, out, *, module=None, method="diffusion", options=None):
     """``medidiff infer --task fusion`` through the Python API, for a module built here or a classical method."""
     if module is None:
-        adapter = from_checkpoint("fusion", None, method=method)
+        model = from_checkpoint("fusion", None, method=method)
     else:
-        adapter = adapter_for("fusion", module, fusion_contract(module), options or SamplingOptions(), None)
-    return infer(adapter, {"source_a": a, "source_b": b}, out, report=lambda message: None)
+        contract = classical_contract(module.spatial_dims)
+        task_options = {"method": method, "contract": contract}
+        module.task.prepare(module, contract, task_options, "a fusion prior built in the test")
+        model = Model(module, module.task, contract, options or SamplingOptions(), task_options, None)
+    return infer(model, {"source_a": a, "source_b": b}, out, report=lambda message: None)
 
 
 def test_misregistered_pngs_give_an_error_naming_both_files(tmp_path):

@@ -6,8 +6,9 @@ import torch
 
 from medidiff.core.operators import downsample, to_kspace
 from medidiff.data.degrade import degrade_with_extras
-from medidiff.lit import RestorationDiffusion, SuperResDiffusion
+from medidiff.lit import DiffusionModule
 from medidiff.nets import ConditionalUNet
+from medidiff.tasks import Restoration, SuperRes
 
 
 def _net(dims):
@@ -25,14 +26,14 @@ def test_kspace_consistency_holds_on_the_final_sample(shape):
     image = _clean(shape)
     degraded, extras = degrade_with_extras(image, {"kspace": {"acceleration": 4, "dims": 2}}, seed=1)
     batch = {"image": image[None], "condition": degraded[None], "kspace_mask": extras["kspace_mask"][None]}
-    module = RestorationDiffusion(net=_net(len(shape) - 1)).eval()
-    hook = module.measurement_hook(batch)
-    samples = module.sample(module.condition(batch), hook=hook, steps=3, ensemble=2)  # (N, B, C, *spatial)
+    module = DiffusionModule(net=_net(len(shape) - 1), task=Restoration()).eval()
+    hook = module.task.measurement_hook(batch)
+    samples = module.sample(module.task.condition(batch), hook=hook, steps=3, ensemble=2)  # (N, B, C, *spatial)
     mask = batch["kspace_mask"]
     measured = to_kspace(batch["condition"] * 2 - 1, 2) * mask
     for member in samples:
         assert torch.allclose(to_kspace(member, 2) * mask, measured, atol=1e-4)
-    unhooked = module.sample(module.condition(batch), steps=3)[0]
+    unhooked = module.sample(module.task.condition(batch), steps=3)[0]
     assert not torch.allclose(to_kspace(unhooked, 2) * mask, measured, atol=1e-2)
 
 
@@ -44,30 +45,32 @@ def test_superres_consistency_holds_on_the_final_sample(shape, factors, residual
     degraded, extras = degrade_with_extras(image, spec, seed=0)
     assert degraded.shape == image.shape
     batch = {"image": image[None], "condition": degraded[None], "low_res": extras["low_res"][None]}
-    module = SuperResDiffusion(net=_net(len(shape) - 1), factors=list(factors), residual_scale=residual_scale).eval()
-    sample = module.sample(module.condition(batch), hook=module.measurement_hook(batch), steps=3)[0]
+    module = DiffusionModule(net=_net(len(shape) - 1), task=SuperRes(factors=list(factors),
+                                                                     residual_scale=residual_scale)).eval()
+    sample = module.sample(module.task.condition(batch), hook=module.task.measurement_hook(batch), steps=3)[0]
     assert torch.allclose(downsample(sample, factors), batch["low_res"] * 2 - 1, atol=1e-4)
 
 
-def test_residual_diffusion_trains_on_the_scaled_residual_and_samples_in_image_space():
+def test_residual_diffusion_trains_on_the_scaled_residual_and_samples_in_image_space(monkeypatch):
     """With ``residual_scale`` the target is ``(image - condition) * scale``; a network that estimates a zero
     residual returns the condition itself, not the zero image."""
     image = _clean((1, 16, 16))
     degraded, _ = degrade_with_extras(image, {"downsample": {"factor": [2, 2], "model": "average"}}, seed=0)
     batch = {"image": image[None], "condition": degraded[None]}
-    module = SuperResDiffusion(net=_net(2), factors=[2, 2], residual_scale=8.0).eval()
+    module = DiffusionModule(net=_net(2), task=SuperRes(factors=[2, 2], residual_scale=8.0)).eval()
     target, cond = module.target_and_condition(batch)
     assert torch.allclose(target, (image[None] - degraded[None]) * 2 * 8.0, atol=1e-6)
-    samples = module.sample(cond, steps=3, ensemble=2, denoiser=lambda x, sigma, cond=None: torch.zeros_like(x))
+    monkeypatch.setattr(module, "_denoiser", lambda *args: lambda x, sigma: torch.zeros_like(x))
+    samples = module.sample(cond, steps=3, ensemble=2)
     assert samples.shape == (2, 1, 1, 16, 16)
     assert torch.allclose(samples, cond.expand_as(samples), atol=1e-6)
 
 
 def test_psnr_metric_of_a_perfect_prediction_is_high_and_of_noise_low():
-    module = RestorationDiffusion(net=_net(2))
+    task = Restoration()
     image = _clean((1, 16, 16))[None]
-    good = module.sample_metrics(image[None], {"image": image})["psnr"]
-    bad = module.sample_metrics(torch.rand((1, *image.shape)), {"image": image})["psnr"]
+    good = task.sample_metrics(image[None], {"image": image})["psnr"]
+    bad = task.sample_metrics(torch.rand((1, *image.shape)), {"image": image})["psnr"]
     assert good > 60 and bad < 15
 
 

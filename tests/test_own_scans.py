@@ -156,7 +156,7 @@ def _rgb_card(tmp_path: Path) -> Path:
 def _fit_argv(card: Path, run: Path, *extra: str) -> list[str]:
     return ["fit", "--config", str(REPO / "configs/segmentation/sample_mni_2d.yaml"), "--data.card", str(card),
             "--data.spatial_dims", "2", "--data.patch_size", "[32, 32]", "--data.cache", "false",
-            "--model.init_args.num_classes", "2", "--model.init_args.net.init_args.in_channels", "1",
+            "--model.init_args.task.init_args.num_classes", "2", "--model.init_args.net.init_args.in_channels", "1",
             "--model.init_args.net.init_args.channels", "[8, 16]", "--trainer.max_steps", "2",
             "--trainer.limit_val_batches", "0", "--trainer.max_time", "null", "--trainer.enable_progress_bar",
             "false", "--trainer.logger", "false", "--trainer.default_root_dir", str(run), *extra]
@@ -191,15 +191,13 @@ def test_validation_patches_hold_the_foreground_and_its_absence_warns(tmp_path):
     data.setup("fit")
     assert int(data.datasets["val"][0]["label"].sum()) > 0
 
-    from medidiff.lit import SegmentationDiffusion
-    from medidiff.nets import ConditionalUNet
+    from medidiff.tasks import Segmentation
 
-    net = ConditionalUNet(2, 1, 1, channels=[8, 8], norm_num_groups=4, num_head_channels=8)
-    module = SegmentationDiffusion(net=net)
+    task = Segmentation(num_classes=2)
     empty = torch.zeros(1, 1, 8, 8, dtype=torch.long)
-    module.sample_metrics(torch.zeros(1, 1, 1, 8, 8), {"label": empty})
+    task.sample_metrics(torch.zeros(1, 1, 1, 8, 8), {"label": empty})
     with pytest.warns(UserWarning, match="no sampled validation patch holds any foreground"):
-        module.on_validation_epoch_end()
+        task.end_validation(sanity_checking=False)
 
 
 # 6 --------------------------------------------------------------------------------- explicit pairing
@@ -248,7 +246,10 @@ def test_fit_records_the_validated_step_count_in_the_checkpoint(tmp_path):
     argv = ["fit", "--config", str(REPO / "configs/segmentation/sample_mni_2d.yaml"), "--trainer.max_steps", "2",
             "--trainer.max_time", "null", "--trainer.limit_val_batches", "1", "--trainer.check_val_every_n_epoch",
             "1", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-            "--model.init_args.net.init_args.channels", "[8, 16]", "--model.init_args.val_steps", "[1, 2]"]
+            "--model.init_args.net.init_args.channels", "[8, 16]", "--config", str(tmp_path / "steps.yaml")]
+    (tmp_path / "steps.yaml").write_text(yaml.safe_dump({"trainer": {"callbacks": [
+        {"class_path": "medidiff.callbacks.Checkpoint", "init_args": {"save_last": True}},
+        {"class_path": "medidiff.callbacks.ChooseSteps", "init_args": {"steps": [1, 2]}}]}}))
     assert main(argv) == 0
     checkpoint = sorted(tmp_path.rglob("last.ckpt"))[-1]
     sampling = torch.load(checkpoint, weights_only=True)["medidiff"]["contract"]["sampling"]
@@ -283,7 +284,8 @@ def _spy(monkeypatch, cls, method: str, make_output):
     seen: list[str] = []
 
     def spy(self, *args, **kwargs):
-        seen.extend(t.device.type for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        values = [v for a in (*args, *kwargs.values()) for v in (a.values() if isinstance(a, dict) else [a])]
+        seen.extend(t.device.type for t in values if isinstance(t, torch.Tensor))
         return make_output(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, method, spy)
@@ -292,13 +294,13 @@ def _spy(monkeypatch, cls, method: str, make_output):
 
 
 def test_segmentation_inputs_reach_the_network_on_the_module_device(tmp_path, monkeypatch):
-    from medidiff.lit import SegmentationDiffusion
+    from medidiff.lit import DiffusionModule
 
-    def probabilities(self, cond, **kwargs):
-        members = kwargs.get("ensemble") or 1
-        return torch.full((members, cond.shape[0], self.mask_channels, *cond.shape[2:]), 0.5)
+    def probabilities(self, inputs, **kwargs):
+        image = inputs["image"]
+        return torch.full((kwargs.get("ensemble", 1), image.shape[0], self.task.mask_channels, *image.shape[2:]), 0.5)
 
-    seen = _spy(monkeypatch, SegmentationDiffusion, "predict_probabilities", probabilities)
+    seen = _spy(monkeypatch, DiffusionModule, "predict", probabilities)
     assert main(["infer", "--task", "segmentation", "--ckpt", str(WEIGHTS / "segmentation_mni_2d.ckpt"),
                  "--input", str(mr_volume(tmp_path / "in" / "mr.nii.gz")), "--output", str(tmp_path / "o")]) == 0
     assert seen and set(seen) == {"meta"}
@@ -307,10 +309,10 @@ def test_segmentation_inputs_reach_the_network_on_the_module_device(tmp_path, mo
 @pytest.mark.parametrize("task", ["restoration", "superres"])
 def test_image_task_inputs_reach_the_network_on_the_module_device(tmp_path, monkeypatch, task):
     from medidiff.core.operators import kspace_mask
-    from medidiff.lit import RestorationDiffusion, SuperResDiffusion
+    from medidiff.lit import DiffusionModule
 
-    cls = RestorationDiffusion if task == "restoration" else SuperResDiffusion
-    seen = _spy(monkeypatch, cls, "estimate", lambda self, cond, **kwargs: torch.zeros(cond.shape))
+    seen = _spy(monkeypatch, DiffusionModule, "predict",
+                lambda self, inputs, **kwargs: torch.zeros(1, *inputs["condition"].shape))
     if task == "restoration":
         scan = mr_volume(tmp_path / "in" / "zf.nii.gz")
         mask = kspace_mask(nib.load(scan).shape[:2], 4, 0.08, "random", torch.Generator().manual_seed(0))

@@ -2,8 +2,9 @@
 
 import torch
 
-from medidiff.lit import SegmentationDiffusion
+from medidiff.lit import DiffusionModule
 from medidiff.nets import ConditionalUNet
+from medidiff.tasks import Segmentation
 
 
 class ConstantNet(torch.nn.Module):
@@ -22,8 +23,8 @@ class ConstantNet(torch.nn.Module):
 
 
 def _module(fraction, net=None):
-    return SegmentationDiffusion(num_classes=2, prediction_type="sample", recycle_fraction=fraction,
-                                 net=net or ConstantNet())
+    return DiffusionModule(net=net or ConstantNet(), task=Segmentation(num_classes=2),
+                           diffusion={"prediction_type": "sample"}, recycle_fraction=fraction)
 
 
 def test_recycled_samples_are_the_networks_estimate_from_pure_noise():

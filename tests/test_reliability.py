@@ -23,11 +23,13 @@ from PIL import Image
 
 import medidiff
 from medidiff import io
-from medidiff.checkpoint import export, read_checkpoint
+from medidiff.checkpoint import read_checkpoint
 from medidiff.cli import main
 from medidiff.core import SAMPLERS
-from medidiff.lit.base import DiffusionModule
+from medidiff.lit import DiffusionModule
+from medidiff.lit.registry import export
 from medidiff.nets import ConditionalUNet
+from medidiff.tasks import Restoration
 from tests.conftest import REPO
 
 CONFIG = REPO / "configs/segmentation/sample_mni_2d.yaml"
@@ -100,7 +102,7 @@ def test_an_interrupted_png_write_leaves_no_file(tmp_path, monkeypatch):
 
 def test_an_interrupted_export_leaves_no_checkpoint(tmp_path, monkeypatch):
     net = ConditionalUNet(spatial_dims=2, in_channels=1, cond_channels=1, channels=(8, 16), norm_num_groups=4)
-    module = DiffusionModule(net=net)
+    module = DiffusionModule(net=net, task=Restoration())
     monkeypatch.setattr(torch, "save", half_then_fail(torch.save, 1))
     with pytest.raises(Interrupted):
         export(module, {"card": "sample_mni"}, tmp_path / "model.ckpt")
@@ -187,7 +189,7 @@ def tiny_module(request) -> DiffusionModule:
     torch.manual_seed(0)
     net = ConditionalUNet(spatial_dims=request.param, in_channels=1, cond_channels=1, channels=(8, 16),
                           norm_num_groups=4)
-    return DiffusionModule(net=net, num_timesteps=100).eval()
+    return DiffusionModule(net=net, task=Restoration(), diffusion={"num_timesteps": 100}).eval()
 
 
 @pytest.mark.parametrize("ensemble", [1, 3])

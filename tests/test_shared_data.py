@@ -61,7 +61,7 @@ def test_dicom_in_nifti_out_lines_up(tmp_path):
 @needs_shared
 def test_drive_2d_segmentation():
     dm = MedicalDataModule("drive", "segmentation", patch_size=[48, 48], **SMALL)
-    assert (dm.num_classes, dm.in_channels) == (2, 1)
+    assert dm.task.channels(dm.card, dm.task.card_settings(dm.card)) == (1, 1)  # binary mask, green channel
     assert [len(load_card("drive").splits[s].cases) for s in ("train", "val", "test")] == [16, 4, 20]
     b = first(dm.train_dataloader())
     assert b["image"].shape == (1, 1, 48, 48) and b["fov"].shape == (1, 1, 48, 48)
@@ -97,7 +97,7 @@ def test_totalseg_3d_segmentation_and_inversion(tmp_path):
 
 def test_mni152_from_nilearn_2d_slices():
     dm = MedicalDataModule("mni152", "segmentation", spatial_dims=2, patch_size=[64, 64], **SMALL)
-    assert dm.num_classes == 3
+    assert dm.task.card_settings(dm.card) == {"num_classes": 3}
     b = first(dm.train_dataloader())
     assert b["image"].shape == (1, 1, 64, 64) and set(b["label"].unique().tolist()) <= {0, 1, 2}
     dm.setup("validate")

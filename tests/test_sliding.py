@@ -4,9 +4,10 @@ reproducible, and the module samples volumes larger than a window."""
 import pytest
 import torch
 
-from medidiff.lit import SuperResDiffusion
+from medidiff.lit import DiffusionModule
 from medidiff.nets import ConditionalUNet
 from medidiff.sliding import SlidingWindowDenoiser, window_weights
+from medidiff.tasks import SuperRes
 
 
 def _voxelwise(x, sigma, cond=None):
@@ -47,10 +48,10 @@ def test_grid_offsets_change_per_call_and_repeat_with_the_seed():
 
 def test_module_samples_a_volume_larger_than_its_window_reproducibly():
     net = ConditionalUNet(3, 1, 1, channels=(4, 8), norm_num_groups=4, num_head_channels=4)
-    module = SuperResDiffusion(net=net, factors=[1, 1, 2]).eval()
-    cond = torch.rand(1, 1, 24, 20, 16) * 2 - 1
-    first = module.estimate(cond, patch_size=(16, 16, 8), steps=3)
-    again = module.estimate(cond, patch_size=(16, 16, 8), steps=3)
+    module = DiffusionModule(net=net, task=SuperRes(factors=[1, 1, 2])).eval()
+    inputs = {"condition": torch.rand(1, 1, 24, 20, 16)}
+    first = module.predict(inputs, window=(16, 16, 8), steps=3).mean(0)
+    again = module.predict(inputs, window=(16, 16, 8), steps=3).mean(0)
     assert first.shape == (1, 1, 24, 20, 16) and torch.isfinite(first).all()
     assert torch.equal(first, again)
 

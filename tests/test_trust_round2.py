@@ -81,7 +81,8 @@ def resume_argv(root: Path, ckpt: Path | str, steps: int = 4) -> list[str]:
 
 def test_resuming_never_imports_what_the_checkpoint_names(tiny_seg_checkpoint, tmp_path, capsys):
     sys.modules.pop("this", None)
-    ckpt = planted(tmp_path, lambda c: c["hyper_parameters"].update(_class_path="this.Zen"), tiny_seg_checkpoint)
+    ckpt = planted(tmp_path, lambda c: (c["hyper_parameters"].update(_class_path="this.Zen"),
+                                        c["medidiff"]["settings"].update(_class_path="this.Zen")), tiny_seg_checkpoint)
     assert main(resume_argv(tmp_path / "run", ckpt)) == 0
     assert "this" not in sys.modules
     assert "Beautiful is better than ugly" not in capsys.readouterr().out
@@ -136,14 +137,17 @@ def _contract(edit):
     (_contract(lambda c: c.update(labels=["grey_matter"])), "labels"),
     (_contract(lambda c: c["inputs"]["image"]["profile"]["quantiles"].pop("99")), "profile.quantiles"),
     (_contract(lambda c: c["sampling"].update(steps=10**8)), "steps"),
-    (lambda c: c["hyper_parameters"].update(teacher_ckpt="/etc/passwd"), "teacher_ckpt"),
-    (lambda c: c["hyper_parameters"].update(steps=1e8), "steps"),
-    (lambda c: c["hyper_parameters"].update(ensemble=10**9), "ensemble"),
-    (lambda c: c["hyper_parameters"].update(sampler=["dpmpp_2m"]), "sampler"),
-    (lambda c: c["medidiff"].update(module=["SegmentationDiffusion"]), "module"),
+    (lambda c: c["medidiff"]["settings"].update(teacher_ckpt="/etc/passwd"), "teacher_ckpt"),
+    (lambda c: c["medidiff"]["settings"].update(predictor_ckpt="/etc/passwd"), "predictor_ckpt"),
+    (lambda c: c["medidiff"]["settings"].update(steps=1e8), "steps"),
+    (lambda c: c["medidiff"]["settings"]["diffusion"].update(num_timesteps=10**9), "num_timesteps"),
+    (lambda c: c["medidiff"]["settings"].update(sampler=["dpmpp_2m"]), "sampler"),
+    (lambda c: c["medidiff"]["task"]["settings"].update(num_classes=10**6), "num_classes"),
+    (lambda c: c["medidiff"]["task"].update(name="os.system"), "task"),
+    (lambda c: c["medidiff"].update(system=["DiffusionModule"]), "system"),
 ], ids=["no normalise", "window without low", "orientation XYZ", "slice_axis 7", "labels not a mapping",
-        "profile without a quantile", "contract steps 1e8", "teacher_ckpt /etc/passwd", "steps 1e8",
-        "ensemble 1e9", "sampler a list", "module a list"])
+        "profile without a quantile", "contract steps 1e8", "teacher_ckpt /etc/passwd", "predictor_ckpt",
+        "steps 1e8", "num_timesteps 1e9", "sampler a list", "classes 1e6", "task os.system", "system a list"])
 def test_a_checkpoint_with_a_malformed_field_is_one_line_naming_it(tmp_path, capsys, edit, fragment):
     ckpt = planted(tmp_path, edit)
     user_error(capsys, infer_argv(ckpt, slab(tmp_path / "in/a.nii.gz"), tmp_path / "out")[:-2] +
@@ -351,10 +355,12 @@ def tiny_unet_checkpoint(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("unet")
     config = yaml.safe_load(CONFIG.read_text())
-    config["model"] = {"class_path": "medidiff.lit.UNetSegmenter", "init_args": {
-        "num_classes": 3, "roi_size": [64, 64], "net": {"class_path": "medidiff.nets.PlainUNet", "init_args": {
+    config["model"] = {"class_path": "medidiff.lit.SupervisedModule", "init_args": {
+        "task": {"class_path": "medidiff.tasks.Segmentation", "init_args": {"num_classes": 3}}, "roi_size": [64, 64],
+        "net": {"class_path": "medidiff.nets.PlainUNet", "init_args": {
             "spatial_dims": 2, "in_channels": 1, "out_channels": 3, "channels": [8, 16], "strides": [2],
             "num_res_units": 1}}}}
+    config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1]  # no ChooseSteps: nothing is sampled
     config["trainer"] |= {"max_steps": 2, "max_time": None, "default_root_dir": str(root), "logger": False,
                           "enable_progress_bar": False}
     (root / "unet.yaml").write_text(yaml.safe_dump(config))

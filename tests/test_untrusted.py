@@ -198,7 +198,7 @@ def test_evaluate_refuses_reference_values_the_card_does_not_name(tmp_path, caps
 
 
 def test_fit_refuses_num_classes_against_the_card_and_all_empty_labels(tmp_path, capsys):
-    user_error(capsys, tiny_fit(tmp_path / "a", "--model.init_args.num_classes", "2",
+    user_error(capsys, tiny_fit(tmp_path / "a", "--model.init_args.task.init_args.num_classes", "2",
                                 "--model.init_args.net.init_args.in_channels", "1"), "num_classes is 2", "3 classes")
     image = np.random.default_rng(0).uniform(0, 100, (20, 18, 6)).astype(np.float32)
     for name, data in (("img.nii.gz", image), ("seg.nii.gz", np.zeros((20, 18, 6), np.uint8))):
@@ -317,7 +317,7 @@ def test_a_dicom_folder_is_recognised_by_content_not_names(tmp_path):
 
 
 def test_a_misspelled_fit_key_gets_one_line_with_a_suggestion(tmp_path, capsys):
-    line = user_error(capsys, tiny_fit(tmp_path, "--model.init_args.dice_wieght", "2"), "dice_wieght")
+    line = user_error(capsys, tiny_fit(tmp_path, "--model.init_args.task.init_args.dice_wieght", "2"), "dice_wieght")
     assert "did you mean" in line and "dice_weight" in line
 
 

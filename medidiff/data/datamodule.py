@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
@@ -30,22 +30,20 @@ from medidiff.data import transforms as T
 from medidiff.data.cards import DataCard, load_card
 from medidiff.data.custom import LoadCased, RemapLabelsd
 from medidiff.errors import MedidiffError
+from medidiff.tasks import task_class
 
-__all__ = ["MedicalDataModule", "SliceDataset", "DEFAULT_DEGRADATION"]
+__all__ = ["MedicalDataModule", "SliceDataset"]
 
-DEFAULT_DEGRADATION: dict[str, dict[int, dict[str, Any]]] = {
-    "restoration": {2: {"noise": {"std": [0.02, 0.1]}}, 3: {"noise": {"std": [0.02, 0.1]}}},
-    "superres": {2: {"downsample": {"factor": 4}}, 3: {"downsample": {"factor": [1, 1, 4]}}},
-}
 DEFAULT_PATCH = {2: (64, 64), 3: (64, 64, 32)}
 
 
 class MedicalDataModule(LightningDataModule):
-    """Data for one task from one data card.
+    """Data for one task from one data card; the task (:mod:`medidiff.tasks`) says which keys a case brings, what
+    the card must provide and which degradation is simulated.
 
     Args:
         card: card name (``load_card``) or path to a card YAML.
-        task: ``segmentation``, ``restoration``, ``superres`` or ``fusion``.
+        task: a task name of :data:`medidiff.tasks.REGISTRY` (the model's task).
         spatial_dims: 2 or 3; None takes the card's. 2 on a 3D card slices volumes along ``card.slice_axis``.
         patch_size: training/validation patch, one entry per spatial dim (default 64² / 64²x32).
         batch_size: cases per training/validation batch (each gives ``samples_per_case`` patches).
@@ -62,7 +60,7 @@ class MedicalDataModule(LightningDataModule):
     def __init__(
         self,
         card: str,
-        task: Literal["segmentation", "restoration", "superres", "fusion"] = "segmentation",
+        task: str = "segmentation",
         spatial_dims: int | None = None,
         patch_size: Sequence[int] | None = None,
         batch_size: int = 2,
@@ -77,15 +75,13 @@ class MedicalDataModule(LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.task = task_class(task)
         self.card: DataCard = load_card(card)
-        self.task = task
         self.spatial_dims = int(spatial_dims or self.card.spatial_dims)
         self._check_options()
         self.patch_size = tuple(patch_size) if patch_size else DEFAULT_PATCH[self.spatial_dims]
-        default = DEFAULT_DEGRADATION.get(task, {}).get(self.spatial_dims)
+        default = self.task.default_degradation(self.spatial_dims)
         self.degradation = copy.deepcopy(degradation if degradation is not None else default)
-        self.num_classes = self.card.num_classes if task == "segmentation" else 0
-        self.in_channels = 1 if task == "fusion" else len(self.card.inputs["image"].use)
         self.datasets: dict[str, torch.utils.data.Dataset] = {}
         self.transforms: dict[str, Compose] = {}
 
@@ -95,7 +91,7 @@ class MedicalDataModule(LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         for split in wanted.get(stage or "", ("train", "val", "test", "predict")):
             if split not in self.datasets:
-                if split == "train" and self._segmentation:
+                if split == "train" and self._labels:
                     self._check_foreground()
                 self.datasets[split] = self._dataset(split)
 
@@ -138,19 +134,14 @@ class MedicalDataModule(LightningDataModule):
     # ----------------------------------------------------------------------------------- internals
 
     def _check_options(self) -> None:
-        card, task = self.card, self.task
-        if task not in card.tasks:
-            raise MedidiffError(f"card '{card.name}' does not support task '{task}' (tasks: {list(card.tasks)})",
+        card, name = self.card, self.task.name
+        if name not in card.tasks:
+            raise MedidiffError(f"card '{card.name}' does not support task '{name}' (tasks: {list(card.tasks)})",
                                 card.path)
         if self.spatial_dims not in (2, 3) or self.spatial_dims > card.spatial_dims:
             raise MedidiffError(f"spatial_dims={self.spatial_dims} is not possible for the {card.spatial_dims}D "
                                 f"card '{card.name}'", card.path)
-        needed = ("source_a", "source_b") if task == "fusion" else ("image",)
-        for key in needed:
-            if key not in card.inputs:
-                raise MedidiffError(f"task '{task}' needs an input named '{key}' in the card", card.path)
-        if task == "segmentation" and not card.labels:
-            raise MedidiffError("segmentation needs 'labels' in the card", card.path)
+        self.task.check_card(card)
 
     def _cases(self, split: str) -> tuple[list[dict[str, str]], tuple[int, int] | None]:
         name = "test" if split == "predict" else split
@@ -161,22 +152,22 @@ class MedicalDataModule(LightningDataModule):
 
     def _dataset(self, split: str) -> torch.utils.data.Dataset:
         cases, slices = self._cases(split)
-        if self.task == "fusion" and split in ("train", "val"):
-            parts = [self._fusion_source(split, cases, slices, key) for key in ("source_a", "source_b")]
-            return ConcatDataset(parts)
+        sources = self.task.training_sources(self.card)
+        if sources and split in ("train", "val"):
+            return ConcatDataset([self._single_source(split, cases, slices, key) for key in sources])
         keys = self._keys(cases)
         data = [{"id": c["id"], **{k: c[k] for k in keys if k in c}} for c in cases]
-        image_keys = list(self.card.inputs) if self.task == "fusion" else ["image"]
-        label_keys = [k for k in ("label", "fov") if k in keys or (k == "label" and self._segmentation)]
+        image_keys, _ = self.task.data_keys(self.card)
+        label_keys = [k for k in ("label", "fov") if k in keys or (k == "label" and self._labels)]
         pre = T.preprocess(self.card, inputs={k: self.card.inputs[k] for k in image_keys},
-                           with_labels=self._segmentation, extra_keys=label_keys, slices=slices,
-                           luma=self.task == "fusion")
+                           with_labels=self._labels, extra_keys=label_keys, slices=slices, luma=self.task.luma)
         return self._build(split, data, pre, image_keys + label_keys, image_keys, label_keys)
 
-    def _fusion_source(self, split: str, cases: list[dict], slices: Any, key: str) -> torch.utils.data.Dataset:
+    def _single_source(self, split: str, cases: list[dict], slices: Any, key: str) -> torch.utils.data.Dataset:
+        """One input of every case as ``image`` (a prior trained on several modalities, one image at a time)."""
         data = [{"id": f"{c['id']}/{key}", "image": c[key]} for c in cases]
         pre = T.preprocess(self.card, inputs={"image": self.card.inputs[key]}, with_labels=False,
-                           slices=slices, luma=True)
+                           slices=slices, luma=self.task.luma)
         # the prior trains on luma only; dropping the colour source's chroma lets MRI and PET items share a batch
         pre.append(DeleteItemsd(["image_chroma"]))
         return self._build(split, data, pre, ["image"], ["image"], [])
@@ -184,15 +175,15 @@ class MedicalDataModule(LightningDataModule):
     def _build(self, split: str, data: list[dict], pre: list, spatial_keys: list[str], image_keys: list[str],
                label_keys: list[str]) -> torch.utils.data.Dataset:
         train = split == "train"
-        finish = T.finish(self.task, image_keys=image_keys, label_keys=label_keys, degradation=self.degradation,
-                          seed=self.hparams.seed, random=train)
+        finish = T.finish(self.task.degrades, image_keys=image_keys, label_keys=label_keys,
+                          degradation=self.degradation, seed=self.hparams.seed, random=train)
         sliced = self.spatial_dims < self.card.spatial_dims
         if train:
             sample = T.train_sampling(spatial_keys, self.patch_size, card=self.card, spatial_dims=self.spatial_dims,
-                                      label_key="label" if self._segmentation else None,
+                                      label_key="label" if self._labels else None,
                                       num_samples=self.hparams.samples_per_case, flips=self.hparams.augment)
             return self._dataset_of(data, self._compose(split, pre + sample + finish), patches=True)
-        foreground = "label" if self._segmentation else None
+        foreground = "label" if self._labels else None
         crop = T.centre_patch(spatial_keys, self.patch_size, foreground) if split == "val" else []
         if not sliced:
             return self._dataset_of(data, self._compose(split, pre + crop + finish))
@@ -232,16 +223,17 @@ class MedicalDataModule(LightningDataModule):
                             self.card.path)
 
     def _keys(self, cases: list[dict]) -> list[str]:
-        keys = list(self.card.inputs) if self.task == "fusion" else ["image"]
-        if self._segmentation:
+        keys = list(self.task.data_keys(self.card)[0])
+        if self._labels:
             derive = self.card.derive.get("label")
             keys += list(derive["from"]) if derive else ["label"]
             keys += ["fov"] if cases and "fov" in cases[0] else []
         return keys
 
     @property
-    def _segmentation(self) -> bool:
-        return self.task == "segmentation"
+    def _labels(self) -> bool:
+        """Whether the task trains on label maps (and their field-of-view masks)."""
+        return "label" in self.task.data_keys(self.card)[1]
 
     def _loader(self, split: str, batch_size: int, shuffle: bool = False, generator: Any = None) -> DataLoader:
         stage = {"train": "fit", "val": "validate", "test": "test", "predict": "predict"}[split]

@@ -51,11 +51,10 @@ from medidiff.data.custom import (
 )
 from medidiff.errors import MedidiffError
 
-__all__ = ["Task", "Stage", "preprocess", "standardise", "train_sampling", "centre_patch", "slice_of", "finish",
+__all__ = ["Stage", "preprocess", "standardise", "train_sampling", "centre_patch", "slice_of", "finish",
            "invert", "apply",
            "user_errors"]
 
-Task = Literal["segmentation", "restoration", "superres", "fusion"]
 Stage = Literal["train", "val", "test", "predict"]
 LABEL_KEYS = ("label", "fov")
 _BIG = 10**7  # an open-ended crop bound: MONAI clips it to the image
@@ -201,7 +200,7 @@ def slice_of(keys: Sequence[str], axis: int, index: int) -> list[MapTransform]:
 
 
 def finish(
-    task: Task,
+    degrades: bool,
     *,
     image_keys: Sequence[str],
     label_keys: Sequence[str] = (),
@@ -209,9 +208,10 @@ def finish(
     seed: int = 0,
     random: bool = False,
 ) -> list[MapTransform]:
-    """Degradation for restoration/super-resolution (``condition``), then the batch dtypes."""
+    """With ``degrades``, the simulated degradation of ``image`` (``condition``, for image-to-image tasks trained
+    on clean images), then the batch dtypes."""
     t: list[MapTransform] = []
-    if task in ("restoration", "superres"):
+    if degrades:
         t.append(Degraded("image", degradation or {}, seed=seed, random=random))
         image_keys = [*image_keys, "condition"]
     t.append(EnsureTyped(list(image_keys), dtype=torch.float32, allow_missing_keys=True))

@@ -35,28 +35,26 @@ PROFILE_QUANTILES = (0.1, 1.0, 5.0, 50.0, 95.0, 99.0, 99.9)
 # a window may clip at most one percentage point more of the input than of the training images.
 RANGE_TOLERANCE = 0.25
 CLIP_TOLERANCE = 0.01
-ALLOW = ("intensity", "clipping", "modality", "degradation", "spacing")
+ALLOW = ("intensity", "clipping", "modality", "degradation")  # the checks `medidiff infer --allow` can skip
 _MAX_SAMPLE = 2_000_000  # voxels per image kept for the profile: quantiles need no more
 
 
-def build_contract(datamodule: Any, module: Any) -> dict[str, Any]:
-    """The contract of a model trained on ``datamodule`` (a :class:`~medidiff.data.MedicalDataModule`)."""
-    card, hp = datamodule.card, datamodule.hparams
-    keys = ("source_a", "source_b") if datamodule.task == "fusion" else ("image",)
+def build_contract(datamodule: Any, system: Any) -> dict[str, Any]:
+    """The contract of a system trained on ``datamodule`` (a :class:`~medidiff.data.MedicalDataModule`)."""
+    card, hp, task = datamodule.card, datamodule.hparams, system.task
     train_cases = card.splits["train"].cases[: hp.limit_cases]
     inputs = {key: input_entry(card.inputs[key], [case[key] for case in train_cases], card.spatial_dims)
-              | {"modality": card.inputs[key].modality or card.modality} for key in keys}
-    contract = {
-        "version": 1, "task": datamodule.task,
-        "spatial_dims": int(getattr(getattr(module, "net", None), "spatial_dims", datamodule.spatial_dims)),
+              | {"modality": card.inputs[key].modality or card.modality} for key in task.roles}
+    factors = task.config.get("factors")
+    return {
+        "version": 1, "task": task.name, "spatial_dims": int(system.net.spatial_dims),
         "data_dims": int(card.spatial_dims), "slice_axis": int(card.slice_axis),
         "patch_size": [int(p) for p in datamodule.patch_size], "inputs": inputs,
-        "labels": dict(card.labels) if datamodule.task == "segmentation" else {},
+        "labels": task.contract_labels(card),
         "spacing": None if card.spacing is None else list(card.spacing), "orientation": card.orientation,
-        "degradation": datamodule.degradation, "factors": _factors(module),
-        "sampling": default_sampling(module), "card": card_summary(card),
+        "degradation": datamodule.degradation, "factors": None if factors is None else [int(f) for f in factors],
+        "sampling": system.contract_sampling(), "card": card_summary(card),
     }
-    return contract
 
 
 def input_entry(spec: Any, files: Iterable[str], dims: int) -> dict[str, Any]:
@@ -75,18 +73,6 @@ def input_entry(spec: Any, files: Iterable[str], dims: int) -> dict[str, Any]:
 def card_summary(card: Any) -> dict[str, Any]:
     return {"name": card.name, "description": card.description, "modality": card.modality,
             "source": card.source, "licence": card.licence}
-
-
-def default_sampling(module: Any) -> dict[str, Any] | None:
-    hp = getattr(module, "hparams", {})
-    if "sampler" not in hp:
-        return None  # a deterministic baseline
-    return {"sampler": hp["sampler"], "steps": int(hp["steps"]), "grid": hp["grid"], "chosen_by": "config"}
-
-
-def _factors(module: Any) -> list[int] | None:
-    factors = getattr(module, "hparams", {}).get("factors")
-    return None if factors is None else [int(f) for f in factors]
 
 
 # ------------------------------------------------------------------------------------------- profile
@@ -271,28 +257,6 @@ def describe(contract: dict[str, Any]) -> str:
     if contract.get("degradation"):
         text += f"; degradation {contract['degradation']}"
     return text
-
-
-def legacy_contract(data_hparams: dict[str, Any], module: Any) -> dict[str, Any]:
-    """The contract of a checkpoint written before contracts existed, rebuilt from the card it names (found on
-    the card search path); without the training files the intensity profile is left out (not checked)."""
-    from types import SimpleNamespace
-
-    from medidiff.data.cards import load_card
-    from medidiff.data.datamodule import DEFAULT_DEGRADATION, DEFAULT_PATCH
-
-    card = load_card(data_hparams["card"], check_files=False)
-    task = data_hparams.get("task", getattr(module, "task", "segmentation"))
-    dims = int(data_hparams.get("spatial_dims") or card.spatial_dims)
-    degradation = data_hparams.get("degradation") or DEFAULT_DEGRADATION.get(task, {}).get(dims)
-    files_exist = all(Path(case[key]).exists() for case in card.splits["train"].cases
-                      for key in case if key != "id")
-    view = SimpleNamespace(card=card, task=task, spatial_dims=dims, degradation=degradation,
-                           patch_size=data_hparams.get("patch_size") or DEFAULT_PATCH[dims],
-                           hparams=SimpleNamespace(limit_cases=data_hparams.get("limit_cases")))
-    if not files_exist:
-        view.hparams.limit_cases = 0  # no training files here: a contract without intensity profile
-    return build_contract(view, module) | {"rebuilt_from_card": True}
 
 
 # ------------------------------------------------------------------------------------- validation

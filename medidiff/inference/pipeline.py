@@ -5,8 +5,8 @@ One loop, :func:`infer`: list and pair the cases, then for each case
 1. read every source (:func:`medidiff.io.read`) and check it against the model's contract
    (:mod:`medidiff.inference.contract`): dimensions, channels, modality, intensities;
 2. preprocess it exactly as in training (:func:`medidiff.data.transforms.standardise`, built from the contract);
-3. move every tensor to the model's device, in one place (:func:`to_device`), and run the task's adapter
-   (:mod:`medidiff.inference.tasks`);
+3. move every tensor to the model's device, in one place (:func:`to_device`), predict
+   (:func:`medidiff.inference.model.predict_case`) and let the task turn predictions into outputs;
 4. map the outputs back onto the source's grid and units, write them atomically, and write the provenance last:
    its presence with the same settings marks a finished case, so an interrupted run resumes, and a re-run with
    other settings into the same folder is refused instead of skipped.
@@ -33,8 +33,9 @@ from medidiff.data.cards import InputSpec
 from medidiff.data.custom import rgb_to_ycbcr
 from medidiff.errors import MedidiffError
 from medidiff.inference.contract import check_intensities, expectation
+from medidiff.inference.model import Model, predict_case
 from medidiff.inference.run_folder import folder_lock, input_digest
-from medidiff.inference.tasks import Case, Output, TaskAdapter
+from medidiff.tasks import Case, Output, Task
 
 Report = Callable[[str], None]
 ProgressFactory = Callable[[str], Callable[[int, int], None]]
@@ -127,38 +128,36 @@ def check_output_dir(output: Path, sources: list[Path]) -> None:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def read_case(case: Case, adapter: TaskAdapter, options: InputOptions) -> Compose:
+def read_case(case: Case, model: Model, options: InputOptions) -> Compose:
     """Read and check every source of ``case`` and preprocess them; fills ``case.images`` and ``case.record``
     and returns the pipeline (to invert outputs with)."""
-    contract, data, specs = adapter.contract, {}, {}
-    for role in adapter.roles:
-        data[role], specs[role], case.record[role] = read_source(case.sources[role], role, contract,
-                                                                 adapter.task, options, adapter.keeps_units)
+    contract, task, data, specs = model.contract, model.task, {}, {}
+    for role in task.roles:
+        data[role], specs[role], case.record[role] = read_source(case.sources[role], role, contract, task, options)
         case.raw[role] = data[role]
-    first = data[adapter.roles[0]]
+    first = data[task.roles[0]]
     case.record["spacing"] = list(first.meta["spacing"])
-    spacing = training_spacing(contract, first, adapter.resample)
+    spacing = training_spacing(contract, first, task.resample)
     case.record["resampled_to"] = spacing
     pipeline = Compose(T.standardise(specs, spatial_dims=first.ndim - 1, orientation=contract["orientation"],
-                                     spacing=spacing, slice_axis=contract["slice_axis"], resample=adapter.resample,
-                                     record_bounds=True, luma=adapter.task == "fusion"))
+                                     spacing=spacing, slice_axis=contract["slice_axis"], resample=task.resample,
+                                     record_bounds=True, luma=task.luma))
     case.images = T.apply(pipeline, data)
     return pipeline
 
 
-def read_source(path: Path, role: str, contract: dict[str, Any], task: str, options: InputOptions,
-                image_output: bool = False) -> tuple[Any, InputSpec, dict[str, Any]]:
+def read_source(path: Path, role: str, contract: dict[str, Any], task: Task,
+                options: InputOptions) -> tuple[Any, InputSpec, dict[str, Any]]:
     """One source read and checked against the contract: ``(image, spec, record)`` with the channels the
-    network takes; a misfit is a :class:`MedidiffError` naming the file, the expectation and the override.
-    ``image_output``: the task writes an image in this source's units (see :func:`check_intensities`)."""
+    network takes; a misfit is a :class:`MedidiffError` naming the file, the expectation and the override."""
     entry = contract["inputs"][role]
     raw = _read(path, contract, task)
     entry = entry | {"normalise": _normalisation(entry["normalise"], path, raw)}
-    image, spec, how = take_channels(raw, entry, path, options, any_colour=task == "fusion")
+    image, spec, how = take_channels(raw, entry, path, options, any_colour=task.luma)
     _check_modality(raw, entry, contract, path, options.allow)
     profile_fits = len(spec.channels) == len(entry["use"])
-    intensity = check_intensities(image.as_tensor(), entry, path, options.allow, image_output) if profile_fits else \
-        {"checked": False, "why": "channel layout differs from training"}
+    intensity = check_intensities(image.as_tensor(), entry, path, options.allow, task.keeps_units) \
+        if profile_fits else {"checked": False, "why": "channel layout differs from training"}
     return image, spec, {"file": str(path), "channels": how, "intensity": intensity,
                          "spacing": list(raw.meta["spacing"]), "orientation": raw.meta["orientation"]}
 
@@ -172,16 +171,17 @@ def _normalisation(normalise: dict[str, Any], path: Path, raw: Any) -> dict[str,
     return {"method": "percentile", "lower": 0.5, "upper": 99.5}
 
 
-def _read(path: Path, contract: dict[str, Any], task: str) -> Any:
-    """Read a source and check its dimension against the model's."""
+def _read(path: Path, contract: dict[str, Any], task: Task) -> Any:
+    """Read a source and check its dimension against the model's (a task modelling colour inputs on their luma
+    runs 2D models over volumes and whole volumes alike)."""
     raw = io.read(path)
     model, data = contract["spatial_dims"], contract["data_dims"]
     if raw.ndim == 4 and raw.shape[-1] == 1 and model == 2:
         raw = io.read(path, expected_ndim=2)  # a single-slice volume is a 2D image
         raw.meta["single_slice_volume"] = True  # outputs get the slice axis back (see restore)
     dims = raw.ndim - 1
-    if task == "fusion":
-        return raw  # classical and 2D diffusion fusion run on volumes too (slice by slice)
+    if task.luma:
+        return raw
     if model == 3 and dims != 3:
         raise MedidiffError(f"is a {dims}D image but the model takes 3D volumes ({_trained_on(contract)})", path)
     if model == 2 and data == 2 and dims == 3:
@@ -264,29 +264,30 @@ def to_device(tensors: Mapping[str, Any], device: torch.device) -> dict[str, tor
             for key, value in tensors.items() if isinstance(value, torch.Tensor)}
 
 
-def run_case(adapter: TaskAdapter, case: Case, options: InputOptions = InputOptions(),
+def run_case(model: Model, case: Case, options: InputOptions = InputOptions(),
              progress: Callable[[int, int], None] | None = None) -> dict[str, Output]:
-    """Read, check and preprocess one case, run the adapter, and map its outputs back onto the case's first
-    source (its grid and units): ``{name: Output}`` whose ``array`` is ready for :func:`medidiff.io.write`."""
-    pipeline = read_case(case, adapter, options)
-    module = getattr(adapter, "module", None)
-    device = module.device if module is not None else torch.device("cpu")
+    """Read, check and preprocess one case, predict, and map the task's outputs back onto the case's first source
+    (its grid and units): ``{name: Output}`` whose ``array`` is ready for :func:`medidiff.io.write`."""
+    pipeline = read_case(case, model, options)
+    tensors = to_device({**case.images, **model.task.extras(case, model.options)}, model.device)
     with torch.no_grad():
-        outputs = adapter.predict(to_device({**case.images, **adapter.extras(case)}, device), case, progress)
+        predictions = predict_case(model, tensors, case, progress)
+        outputs = model.task.outputs(predictions, tensors, case, model.options)
     getattr(progress, "finish", lambda: None)()
-    return {name: Output(restore(out, case, adapter, pipeline), out.kind, out.spacing) for name, out in outputs.items()}
+    return {name: Output(restore(out, case, model.task, pipeline), out.kind, out.spacing)
+            for name, out in outputs.items()}
 
 
-def restore(output: Output, case: Case, adapter: TaskAdapter, pipeline: Compose) -> torch.Tensor:
+def restore(output: Output, case: Case, task: Task, pipeline: Compose) -> torch.Tensor:
     """An output on the preprocessed grid back onto the source's grid, in its units; labels as integers."""
-    role = adapter.roles[0]
+    role = task.roles[0]
     array = output.array.detach().float().cpu()
     if not bool(torch.isfinite(array).all()):
         raise MedidiffError("the model produced NaN or infinite values for this case; nothing was written",
                             case.sources[role])
-    if adapter.resample:
+    if task.resample:
         array = T.invert(array, case.images[role], pipeline, nearest=output.kind == "label").as_tensor()
-    if output.kind == "image" and not _png_main(adapter, case):
+    if output.kind == "image" and not _png_main(task, case):
         array = denormalise(array, case.images[f"{role}_bounds"])
     if case.raw[role].meta.get("single_slice_volume") and array.ndim == 3:
         array = array[..., None]  # back onto the file's (X, Y, 1) grid
@@ -301,14 +302,14 @@ def denormalise(x: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     return x * (high - low) + low
 
 
-def _png_main(adapter: TaskAdapter, case: Case) -> bool:
-    return adapter.png_main and case.sources[adapter.roles[0]].name.lower().endswith(io.IMAGE_2D_SUFFIXES)
+def _png_main(task: Task, case: Case) -> bool:
+    return task.png_main and case.sources[task.roles[0]].name.lower().endswith(io.IMAGE_2D_SUFFIXES)
 
 
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def write_case(adapter: TaskAdapter, case: Case, outputs: dict[str, Output], output: Path,
+def write_case(task: Task, case: Case, outputs: dict[str, Output], output: Path,
                info: dict[str, Any]) -> list[Path]:
     """Write a case's outputs, then its provenance; an interruption removes what the case had written.
 
@@ -316,18 +317,18 @@ def write_case(adapter: TaskAdapter, case: Case, outputs: dict[str, Output], out
     be given to ``medidiff evaluate`` as is; the others ``<output>/<name>/<case>.nii.gz``, PNG previews of 2D
     inputs ``<output>/png/<case>_<name>.png``, and ``<output>/provenance/<case>.json`` last.
     """
-    source = case.sources[adapter.roles[0]]
+    source = case.sources[task.roles[0]]
     # a DICOM series has no file to copy the geometry from: the scan as read carries it (not the resampled one)
-    like = source if source.is_file() else case.raw[adapter.roles[0]]
+    like = source if source.is_file() else case.raw[task.roles[0]]
     written: list[Path] = []
     try:
         for index, (name, out) in enumerate(outputs.items()):
-            if index == 0 and _png_main(adapter, case):
+            if index == 0 and _png_main(task, case):
                 written.append(io.write_png(out.array, output / f"{case.name}.png", value_range=(0.0, 1.0)))
                 continue
             folder = output if index == 0 else output / name
             written.append(io.write(out.array, folder / f"{case.name}.nii.gz", like=like, spacing=out.spacing))
-            if out.array.ndim == 3 and not adapter.png_main:
+            if out.array.ndim == 3 and not task.png_main:
                 # a PNG holds one or three channels: the first three of a map with more, the first of two
                 shown = out.array[:3] if out.array.shape[0] >= 3 else out.array[:1]
                 written.append(io.write_png(shown.float(), output / "png" / f"{case.name}_{name}.png",
@@ -351,7 +352,7 @@ def provenance_path(output: Path, case: str) -> Path:
     return output / "provenance" / f"{case}.json"
 
 
-def provenance(adapter: TaskAdapter, case: Case, settings: dict[str, Any], seconds: float) -> dict[str, Any]:
+def provenance(model: Model, case: Case, settings: dict[str, Any], seconds: float) -> dict[str, Any]:
     import monai
 
     import medidiff
@@ -360,14 +361,14 @@ def provenance(adapter: TaskAdapter, case: Case, settings: dict[str, Any], secon
     sampling = settings.get("sampler") and {"nfe": nfe_of(settings["sampler"], settings["steps"])}
     return {"case": case.name, "inputs": {role: str(p) for role, p in case.sources.items()},
             "input_sha256": input_digest(case.sources), "settings": settings,
-            **(sampling or {}), "labels": adapter.contract.get("labels") or None, "checks": case.record,
+            **(sampling or {}), "labels": model.contract.get("labels") or None, "checks": case.record,
             "seconds": round(seconds, 3), "medidiff": medidiff.__version__, "torch": torch.__version__,
             "monai": monai.__version__, "machine": platform.machine()}
 
 
-def run_settings(adapter: TaskAdapter, options: InputOptions) -> dict[str, Any]:
+def run_settings(model: Model, options: InputOptions) -> dict[str, Any]:
     """Everything that decides a result: compared with a finished case's provenance before it is skipped."""
-    settings = adapter.settings() | options.settings()
+    settings = model.settings() | options.settings()
     checkpoint = settings.get("checkpoint")
     if checkpoint and Path(checkpoint).is_file():
         settings["checkpoint_sha256"] = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
@@ -416,24 +417,24 @@ def _progress(factory: ProgressFactory | None, name: str) -> Callable[[int, int]
     return progress
 
 
-def _clipping_note(adapter: TaskAdapter, case: Case) -> str:
+def _clipping_note(task: Task, case: Case) -> str:
     """Said where an image output holds input voxels at the bounds of the model's intensity scale."""
     counts = [((case.record.get(role) or {}).get("intensity") or {}).get("clipped_voxels") or 0
-              for role in adapter.roles]
-    if not adapter.keeps_units or not sum(counts):
+              for role in task.roles]
+    if not task.keeps_units or not sum(counts):
         return ""
     return (f"; {sum(counts)} input voxel(s) lay beyond the model's intensity scale and are held at its bounds in "
             "the output (provenance: checks, intensity)")
 
 
-def infer(adapter: TaskAdapter, inputs: Mapping[str, str | os.PathLike], output: str | os.PathLike, *,
+def infer(model: Model, inputs: Mapping[str, str | os.PathLike], output: str | os.PathLike, *,
           options: InputOptions = InputOptions(), report: Report = print,
           progress_factory: ProgressFactory | None = None) -> list[Path]:
     """Run a task over a file, a DICOM folder or a folder of scans (fusion: pairs); returns the files written.
 
     Args:
-        adapter: the task and its model (:func:`medidiff.inference.tasks.adapter_for`).
-        inputs: one source per role of the adapter (``{"image": path}``, fusion ``source_a`` and ``source_b``).
+        model: the model and its task (:func:`medidiff.inference.from_checkpoint`).
+        inputs: one source per role of the task (``{"image": path}``, fusion ``source_a`` and ``source_b``).
         output: folder for the results (see :func:`write_case`).
         options: how inputs may differ from the training data.
     """
@@ -442,10 +443,10 @@ def infer(adapter: TaskAdapter, inputs: Mapping[str, str | os.PathLike], output:
     with folder_lock(output):
         for stale in io.clear_partial_writes(output):
             report(f"removed {stale.name}, a partial file of an interrupted run")
-        return _run_cases(adapter, cases, output, run_settings(adapter, options), options, report, progress_factory)
+        return _run_cases(model, cases, output, run_settings(model, options), options, report, progress_factory)
 
 
-def _run_cases(adapter: TaskAdapter, cases: list[Case], output: Path, settings: dict[str, Any],
+def _run_cases(model: Model, cases: list[Case], output: Path, settings: dict[str, Any],
                options: InputOptions, report: Report, progress_factory: ProgressFactory | None) -> list[Path]:
     pending = [case for case in cases if not finished(output, case, settings)]
     if len(pending) < len(cases):
@@ -455,18 +456,18 @@ def _run_cases(adapter: TaskAdapter, cases: list[Case], output: Path, settings: 
     for case in pending:
         start = time.perf_counter()
         try:
-            outputs = run_case(adapter, case, options, _progress(progress_factory, case.name))
+            outputs = run_case(model, case, options, _progress(progress_factory, case.name))
         except MedidiffError as error:
             if len(cases) == 1:
                 raise
             failed.append(case.name)
             report(f"{case.name}: error: {error}")
             continue
-        info = provenance(adapter, case, settings, time.perf_counter() - start)
-        if adapter.contract.get("labels") and not written:  # the class names of the label maps, for evaluate
-            written.append(io.write_json(output / "labels.json", adapter.contract["labels"]))
-        written += write_case(adapter, case, outputs, output, info)
-        report(f"{case.name}: done in {info['seconds']:.1f} s{_clipping_note(adapter, case)}")
+        info = provenance(model, case, settings, time.perf_counter() - start)
+        if model.contract.get("labels") and not written:  # the class names of the label maps, for evaluate
+            written.append(io.write_json(output / "labels.json", model.contract["labels"]))
+        written += write_case(model.task, case, outputs, output, info)
+        report(f"{case.name}: done in {info['seconds']:.1f} s{_clipping_note(model.task, case)}")
     if failed:
         raise MedidiffError(f"{len(failed)} of {len(cases)} case(s) failed ({', '.join(failed)}); the others were "
                             f"written to {output}")

@@ -1,18 +1,15 @@
-"""Task LightningModules: one diffusion base class, one thin subclass per task, and the UNet baseline."""
+"""Systems: LightningModules that train and sample a network for a task, held by composition.
 
-from medidiff.lit.base import DiffusionModule
-from medidiff.lit.baseline import UNetSegmenter
-from medidiff.lit.fusion import FusionDiffusion
-from medidiff.lit.image import RestorationDiffusion, SuperResDiffusion
-from medidiff.lit.regression import RestorationUNet, SuperResUNet
-from medidiff.lit.residual import ResidualSegmentationDiffusion
-from medidiff.lit.segmentation import SegmentationDiffusion
+- :class:`DiffusionModule`: conditional diffusion (the objective, the training step, sampling);
+- :class:`SupervisedModule`: the supervised baselines (UNet segmentation, regression UNet);
+- :class:`ResidualDiffusion`: diffusion of the residual over a supervised predictor;
+- :class:`DistillationModule`: a few-step student of a trained diffusion model;
+- :mod:`~medidiff.lit.registry`: the systems a checkpoint may name and how one is rebuilt from it.
+"""
 
-# The modules a checkpoint may name: loading never imports a class from a name stored in a file.
-MODULES = {cls.__name__: cls for cls in (SegmentationDiffusion, UNetSegmenter, RestorationDiffusion,
-                                         SuperResDiffusion, FusionDiffusion, RestorationUNet, SuperResUNet,
-                                         ResidualSegmentationDiffusion)}
+from medidiff.lit.diffusion import DiffusionModule, DiffusionSettings
+from medidiff.lit.distill import DistillationModule
+from medidiff.lit.residual import ResidualDiffusion
+from medidiff.lit.supervised import SupervisedModule
 
-__all__ = ["MODULES", "DiffusionModule", "FusionDiffusion", "RestorationDiffusion", "RestorationUNet",
-           "ResidualSegmentationDiffusion", "SegmentationDiffusion", "SuperResDiffusion", "SuperResUNet",
-           "UNetSegmenter"]
+__all__ = ["DiffusionModule", "DiffusionSettings", "DistillationModule", "ResidualDiffusion", "SupervisedModule"]

@@ -1,16 +1,16 @@
 """Diffusion of the residual over a deterministic predictor (CARD, Han et al. 2022; HiDiff, Chen et al. 2024).
 
-A supervised UNet learns most of a segmentation cheaply; what it gets wrong is a small, structured residual.
-Here a conditional DDPM models ``p(mask - f(image) | image, f(image))``: the predictor's estimate ``f(image)``
-(probabilities scaled to [-1, 1]) is both the sampler's start point — pure noise in residual space is noise
-centred on the predictor's answer — and a condition beside the image. Everything else is the segmentation
-diffusion module unchanged: the same denoiser, shared samplers, hooks, Dice loss (on the combined mask),
-recycling and validated step count.
+A supervised network learns most of a task cheaply; what it gets wrong is a small, structured residual. Here a
+conditional DDPM models ``p(target - f(cond) | cond, f(cond))``: the predictor's estimate ``f(cond)`` (in the
+diffused space, ``[-1, 1]``) is both the sampler's start point — pure noise in residual space is noise centred on
+the predictor's answer — and a condition beside the task's own. Everything else is the diffusion system
+unchanged: the same denoiser, shared samplers, task loss (on the combined estimate), recycling and validated
+step count.
 
-The predictor is either trained first (``predictor_ckpt``: a :class:`medidiff.lit.UNetSegmenter` checkpoint,
-frozen) or jointly (``predictor``: a network config; its Dice + CE loss is added to the diffusion loss, and the
-residual network sees its output detached). Its weights are stored in this module's checkpoints, so a trained
-model is one self-contained file.
+The predictor is either trained first (``predictor_ckpt``: a :class:`~medidiff.lit.supervised.SupervisedModule`
+checkpoint of the same task, frozen) or jointly (``predictor``: a network config; its supervised loss is added
+to the diffusion loss, and the residual network sees its output detached). Its weights are stored in this
+system's checkpoints, so a trained model is one self-contained file.
 """
 
 from __future__ import annotations
@@ -18,71 +18,78 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from monai.losses import DiceCELoss
 from torch import Tensor, nn
 
+from medidiff.checkpoint import build_network, read_checkpoint
 from medidiff.errors import MedidiffError
-from medidiff.lit.baseline import network_logits
-from medidiff.lit.segmentation import SegmentationDiffusion
+from medidiff.lit.diffusion import DiffusionModule
+from medidiff.tasks import Task
 
 PREDICTOR_BASE = "_predictor_base"  # batch keys the loss terms share within one step
-PREDICTOR_LOGITS = "_predictor_logits"
+PREDICTOR_OUTPUT = "_predictor_output"
 
 
-class ResidualSegmentationDiffusion(SegmentationDiffusion):
-    """Conditional DDPM of the residual between the mask and a deterministic predictor's estimate.
+class ResidualDiffusion(DiffusionModule):
+    """Conditional diffusion of the residual between the target and a supervised predictor's estimate.
 
     Args:
+        net, task: as :class:`~medidiff.lit.diffusion.DiffusionModule`; the network's ``cond_channels`` are the
+            task's condition channels plus the diffused channels (the predictor's estimate).
         predictor: ``{"class_path", "init_args"}`` of the predictor network (e.g. ``medidiff.nets.PlainUNet``
             with ``out_channels = num_classes``); filled in from ``predictor_ckpt`` when that is given.
-        predictor_ckpt: a trained :class:`medidiff.lit.UNetSegmenter` checkpoint whose network becomes the
-            predictor (read weights-only).
+        predictor_ckpt: a trained supervised checkpoint of the same task whose network becomes the predictor
+            (read weights-only, once).
         train_predictor: train the predictor jointly (default: only when it does not come from a checkpoint).
-        predictor_weight: weight of the predictor's Dice + CE loss when it is trained jointly.
+        predictor_weight: weight of the predictor's supervised loss when it is trained jointly.
         predictor_roi: sliding-window size of the predictor on images larger than it (None: whole image).
         predictor_source: where the predictor came from (recorded; set from ``predictor_ckpt``).
-        **kwargs: see :class:`medidiff.lit.SegmentationDiffusion`; the network's ``cond_channels`` are the
-            image channels plus the mask channels.
+        **settings: see :class:`~medidiff.lit.diffusion.DiffusionModule`.
     """
 
-    def __init__(self, predictor: dict[str, Any] | None = None, predictor_ckpt: str | None = None,
-                 train_predictor: bool | None = None, predictor_weight: float = 1.0,
-                 predictor_roi: Sequence[int] | None = None, predictor_source: str | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
+    def __init__(self, net: nn.Module, task: Task, predictor: dict[str, Any] | None = None,
+                 predictor_ckpt: str | None = None, train_predictor: bool | None = None, predictor_weight: float = 1.0,
+                 predictor_roi: Sequence[int] | None = None, predictor_source: str | None = None, **settings: Any):
+        super().__init__(net, task, **settings)
         self.save_hyperparameters("predictor", "predictor_ckpt", "train_predictor", "predictor_weight",
                                   "predictor_roi", "predictor_source")
+        weights = None
         if predictor_ckpt is not None:
-            predictor, weights, roi = _predictor_from_checkpoint(predictor_ckpt, self.hparams.num_classes)
-            # the checkpoint is read once: later loads rebuild the network from its config and this module's weights;
-            # the predictor sees images as it did when it was scored alone (its own windows)
+            predictor, weights, roi = predictor_from_checkpoint(predictor_ckpt, task)
+            # the checkpoint is read once: later loads rebuild the network from its config and this system's
+            # weights; the predictor sees images as it did when it was scored alone (its own windows)
             self.hparams.update(predictor=predictor, predictor_ckpt=None, predictor_source=str(predictor_ckpt),
                                 train_predictor=bool(train_predictor),
                                 predictor_roi=predictor_roi if predictor_roi is not None else roi)
         elif predictor is None:
-            raise ValueError("give the predictor: predictor_ckpt (a trained UNetSegmenter checkpoint) or predictor "
+            raise ValueError("give the predictor: predictor_ckpt (a trained supervised checkpoint) or predictor "
                              "(a network config to train jointly)")
         else:
-            weights = None
             self.hparams.train_predictor = True if train_predictor is None else bool(train_predictor)
-        self.predictor = _build(predictor, predictor_ckpt)
+        self.predictor = build_network(predictor, predictor_ckpt or "predictor")
         if weights is not None:
             self.predictor.load_state_dict(weights)
-        self._check_channels()
+        self._check_predictor()
         self.predictor.requires_grad_(self.hparams.train_predictor)
-        self.predictor_loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
-    def _check_channels(self) -> None:
-        classes, image = self.hparams.num_classes, getattr(self.predictor, "in_channels", None)
-        if getattr(self.predictor, "out_channels", classes) != classes:
-            raise ValueError(f"the predictor outputs {self.predictor.out_channels} classes but num_classes is "
-                             f"{classes}")
-        expected = (image or 0) + self.mask_channels
-        if image is not None and self.net.cond_channels != expected:
-            raise ValueError(f"the network's cond_channels is {self.net.cond_channels} but the image "
-                             f"({image} channel(s)) and the predictor's estimate ({self.mask_channels}) make "
-                             f"{expected}; set net.init_args.cond_channels={expected}")
+    def _check_predictor(self) -> None:
+        wanted, out = self.task.supervised_channels(), getattr(self.predictor, "out_channels", None)
+        if wanted is not None and out is not None and out != wanted:
+            raise ValueError(f"the predictor outputs {out} channels but {self.task!r} needs {wanted}")
+        image, diffused = getattr(self.predictor, "in_channels", None), self.task.diffused_channels()
+        if image is None or diffused is None:
+            return
+        expected = self.condition_channels(image, diffused)
+        if self.net.cond_channels != expected:
+            raise ValueError(f"the network's cond_channels is {self.net.cond_channels} but the image ({image} "
+                             f"channel(s)) and the predictor's estimate ({diffused}) make {expected}; set "
+                             f"net.init_args.cond_channels={expected}")
 
-    def train(self, mode: bool = True) -> ResidualSegmentationDiffusion:
+    @classmethod
+    def condition_channels(cls, task_channels: int, diffused_channels: int) -> int:
+        """The network's condition: the task's and the predictor's estimate of the diffused target."""
+        return task_channels + diffused_channels
+
+    def train(self, mode: bool = True) -> ResidualDiffusion:
         super().train(mode)
         if not self.hparams.train_predictor:
             self.predictor.eval()  # a frozen predictor keeps its normalisation statistics and no dropout
@@ -94,55 +101,53 @@ class ResidualSegmentationDiffusion(SegmentationDiffusion):
 
     # ------------------------------------------------------------------------------ the residual
 
-    def predictor_estimate(self, image: Tensor) -> tuple[Tensor, Tensor]:
-        """``(logits, base)``: the predictor's class logits and its estimate of the diffused mask in [-1, 1]."""
-        logits = network_logits(self.predictor, image, self.hparams.predictor_roi)
-        return logits, self.class_probabilities(logits) * 2 - 1
+    def predictor_estimate(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """``(output, base)``: the predictor's raw output and its estimate of the diffused target in [-1, 1]."""
+        output = self.task.supervised_output(self.predictor, cond, self.hparams.predictor_roi)
+        return output, self.task.supervised_estimate(output, cond)
 
     def target_and_condition(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        image = batch["image"].float()
+        cond = self.task.condition(batch).float()
         with torch.set_grad_enabled(self.hparams.train_predictor and torch.is_grad_enabled()):
-            logits, base = self.predictor_estimate(image)
+            output, base = self.predictor_estimate(cond)
         base = base.detach()
-        batch[PREDICTOR_BASE], batch[PREDICTOR_LOGITS] = base, logits
-        # mask and base both lie in [-1, 1]: half their difference does too
-        return (self.one_hot(batch["label"]) * 2 - 1 - base) / 2, torch.cat([image, base], 1)
+        batch[PREDICTOR_BASE], batch[PREDICTOR_OUTPUT] = base, output
+        # target and base both lie in [-1, 1]: half their difference does too
+        return (self.task.target(batch) - base) / 2, torch.cat([cond, base], 1)
 
     def extra_loss(self, x0_hat: Tensor, x0: Tensor, batch: dict[str, Any]) -> Tensor | None:
         base = batch[PREDICTOR_BASE]
-        loss = super().extra_loss(base + 2 * x0_hat, base + 2 * x0, batch)
+        loss = self.task.extra_loss(base + 2 * x0_hat, base + 2 * x0, batch)
         if self.hparams.train_predictor:
-            joint = self.hparams.predictor_weight * self.predictor_loss(batch[PREDICTOR_LOGITS], batch["label"])
+            cond = self.task.condition(batch).float()
+            joint = self.hparams.predictor_weight * self.task.supervised_output_loss(batch[PREDICTOR_OUTPUT], cond,
+                                                                                    batch)
             loss = joint if loss is None else loss + joint
         return loss
 
-    def member_probabilities(self, cond: Tensor, **sampling: Any) -> Tensor:
-        """Samples of the mask ``(N, B, C, *spatial)`` for an image ``cond``: the predictor's estimate plus
-        sampled residuals, decoded to probabilities."""
-        _, base = self.predictor_estimate(cond.float())
-        residual = self.sample(torch.cat([cond.float(), base], 1), **sampling)
-        return self.decode(base[None] + 2 * residual)
+    def predict(self, inputs: dict[str, Any], **sampling: Any) -> Tensor:
+        """The predictor's estimate plus sampled residuals, decoded: ``(N, B, C, *spatial)``."""
+        cond = self.task.condition(inputs).float()
+        _, base = self.predictor_estimate(cond)
+        hook = self.task.measurement_hook(inputs)
+        residual_hook = None if hook is None else \
+            (lambda x0_hat, sigma, x: (hook(base + 2 * x0_hat, sigma, x) - base) / 2)
+        residual = self.draw(torch.cat([cond, base], 1), hook=residual_hook, **sampling)
+        return self.task.decode(base[None] + 2 * residual)
 
 
-def _predictor_from_checkpoint(path: str, num_classes: int) -> tuple[dict[str, Any], dict[str, Tensor],
-                                                                     list[int] | None]:
-    from medidiff.checkpoint import checkpoint_record, read_checkpoint
-
+def predictor_from_checkpoint(path: str, task: Task) -> tuple[dict[str, Any], dict[str, Tensor], list[int] | None]:
+    """``(net_config, weights, roi_size)`` of a supervised checkpoint of ``task``'s kind and settings."""
     content = read_checkpoint(path)
-    record = checkpoint_record(content, path)
-    if record.get("module") != "UNetSegmenter":
-        raise MedidiffError(f"is a {record.get('module')} checkpoint; the predictor must be a UNetSegmenter",
-                            path)
-    hparams = content.get("hyper_parameters", {})
-    classes = hparams.get("num_classes")
-    if classes != num_classes:
-        raise MedidiffError(f"predicts {classes} classes but this model has num_classes {num_classes}", path)
+    record = content.get("medidiff") or {}
+    if record.get("system") != "SupervisedModule":
+        raise MedidiffError(f"is a {record.get('system')} checkpoint; the predictor must be a SupervisedModule", path)
+    saved = record.get("task") or {}
+    settings = saved.get("settings") or {}
+    differ = [key for key in task.structural if settings.get(key) != task.config.get(key)]
+    if saved.get("name") != task.name or differ:
+        raise MedidiffError(f"is a predictor for {saved.get('name')} {settings}, not for this {task.name} task "
+                            f"({', '.join(f'{k}={task.config.get(k)!r}' for k in differ) or 'another task'})", path)
     weights = {k[len("net."):]: v for k, v in content["state_dict"].items() if k.startswith("net.")}
-    roi = hparams.get("roi_size")
+    roi = (record.get("settings") or {}).get("roi_size")
     return record["net_config"], weights, list(roi) if roi else None
-
-
-def _build(config: dict[str, Any], path: str | None) -> nn.Module:
-    from medidiff.checkpoint import build_network
-
-    return build_network(config, path or "predictor")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -22,7 +23,9 @@ import torch
 
 from medidiff.core.operators import kspace_mask, undersample
 from medidiff.data.cards import load_card
-from medidiff.results import Row, image_table, run_image_row
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks/ helpers
+from benchmarks.results import Row, image_table, run_image_row  # noqa: E402
 
 DATA_RANGE = 255.0  # the template's intensities span 0..255 (data card)
 

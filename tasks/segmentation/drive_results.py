@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
 
 from medidiff.checkpoint import read_checkpoint
 from medidiff.cli import main as medidiff
-from medidiff.results import infer_unless_complete
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks/ helpers
+from benchmarks.results import infer_unless_complete  # noqa: E402
 
 DRIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "drive" / "test"
 

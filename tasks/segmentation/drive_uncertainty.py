@@ -16,15 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import sys
 from pathlib import Path
 
-from medidiff.results import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks/ helpers
+from benchmarks.results import (
     evaluate_segmentation,
     machine,
     run_uncertainty_rows,
     uncertainty_table,
     unet_and_residual_plan,
-)
+)  # noqa: E402
 
 DRIVE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "drive" / "test"
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -21,7 +22,9 @@ import numpy as np
 
 from medidiff.cli import main as medidiff
 from medidiff.data.cards import load_card
-from medidiff.results import infer_unless_complete, machine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks/ helpers
+from benchmarks.results import infer_unless_complete, machine  # noqa: E402
 
 
 def held_aside_case(out: Path) -> tuple[Path, Path]:

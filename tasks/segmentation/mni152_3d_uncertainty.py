@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
-from medidiff.results import machine, run_uncertainty_rows, uncertainty_table, unet_and_residual_plan
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks/ helpers
+from benchmarks.results import machine, run_uncertainty_rows, uncertainty_table, unet_and_residual_plan  # noqa: E402
 
 
 def held_aside_case(out: Path) -> tuple[Path, Path]:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 from medidiff import io
 from medidiff.data.cards import load_card
-from medidiff.results import machine, run_uncertainty_rows, uncertainty_table, unet_and_residual_plan
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks/ helpers
+from benchmarks.results import machine, run_uncertainty_rows, uncertainty_table, unet_and_residual_plan  # noqa: E402
 
 
 def test_case(out: Path) -> tuple[Path, Path]:

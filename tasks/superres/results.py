@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -27,7 +28,9 @@ from medidiff import io
 from medidiff.core.guidance import DownsampleConsistency
 from medidiff.core.operators import downsample
 from medidiff.data.cards import load_card
-from medidiff.results import Row, image_table, run_image_row
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: benchmarks/ helpers
+from benchmarks.results import Row, image_table, run_image_row  # noqa: E402
 
 DATA_RANGE = 255.0  # the template's intensities span 0..255 (data card)
 FACTORS = (1, 1, 4)

@@ -1,10 +1,8 @@
-"""Multimodal image fusion (CT / PET / SPECT with MRI) with an unconditional diffusion prior, DDFM-style.
+"""The fusion likelihood of DDFM (Zhao et al., ICCV 2023) as a sampler hook: one EM step per x0 estimate.
 
-Fusion has no ground truth, so nothing conditional can be trained: the network is an *unconditional* prior
-over the images of both modalities, and fusion happens at sampling time through a likelihood hook applied
-to every x0 estimate, as in DDFM (Zhao et al., ICCV 2023). DDFM's likelihood is a hierarchical Bayesian
-model (Laplace residuals written as Gaussian scale mixtures) solved by one EM step per sampler step;
-:class:`FusionLikelihood` is a symmetric variant of it that needs no choice of "infrared" source:
+Fusion has no ground truth, so nothing conditional can be trained: an *unconditional* prior over the images of
+both modalities is sampled, and :class:`FusionLikelihood` pulls every x0 estimate toward the two sources. It is a
+symmetric variant of DDFM's hierarchical Bayesian model that needs no choice of "infrared" source:
 
     J(f) = lam * sum_k psi(f - s_k) + mu * sum_j psi(|grad f - g_j|) + rho(sigma)/2 * |f - x0_hat|^2
 
@@ -25,20 +23,16 @@ model (Laplace residuals written as Gaussian scale mixtures) solved by one EM st
   current estimate. This is a majorise-minimise step, so ``J`` (at that step's ``c``) never increases and,
   started at ``x0_hat``, the fusion loss ``J - prior term`` of the output is at most that of ``x0_hat``
   (tested).
-
-Colour PET/SPECT: the luma is fused and the chroma of the colour source restored (:func:`restore_colour`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
 
 from medidiff.core.denoiser import append_dims
-from medidiff.data.custom import ycbcr_to_rgb
-from medidiff.lit.base import DiffusionModule
 
 IntensityTarget = Literal["both", "max"]
 GradientTarget = Literal["max", "both"]
@@ -182,96 +176,3 @@ def conjugate_gradient(operator: Callable[[Tensor], Tensor], rhs: Tensor, start:
         rr_next = dot(r, r)
         p, rr = r + (rr_next / rr.clamp(min=1e-30)) * p, rr_next
     return f
-
-
-def restore_colour(luma: Tensor, chroma: Tensor, channel_dim: int = 1) -> Tensor:
-    """Fused luma and the colour source's chroma (Cb, Cr) to RGB in ``[0, 1]``.
-
-    Colour-mapped PET / SPECT keep their hue and saturation; the structure is the fused one.
-
-    Args:
-        luma: ``(B, 1, *spatial)`` in ``[0, 1]`` (or ``(1, *spatial)`` with ``channel_dim=0``).
-        chroma: ``(B, 2, *spatial)`` as the data module gives ``source_b_chroma``.
-    """
-    ycbcr = torch.cat([luma.float(), chroma.float().to(luma.device)], dim=channel_dim)
-    return ycbcr_to_rgb(ycbcr, channel_dim=channel_dim).clamp(0, 1)
-
-
-class FusionDiffusion(DiffusionModule):
-    """An unconditional diffusion prior over both modalities; fusion by the :class:`FusionLikelihood` hook.
-
-    Training diffuses single images of either modality (batch key ``image``, ``[0, 1]``); prediction takes
-    ``source_a`` / ``source_b`` ``(B, 1, *spatial)`` in ``[0, 1]`` and returns the fused luma.
-
-    Args:
-        intensity_weight, gradient_weight, prior_weight, prior_error, intensity_target, gradient_target,
-            em_iterations, cg_iterations: the likelihood, see :class:`FusionLikelihood`.
-        **kwargs: see :class:`medidiff.lit.base.DiffusionModule`; the network must be unconditional
-            (``cond_channels: 0``).
-    """
-
-    task = "fusion"
-    selection_metric = ("fusion_loss", "min")
-
-    def __init__(self, intensity_weight: float = 10.0, gradient_weight: float = 10.0,
-                 prior_weight: float = 1.0, prior_error: float = 0.0,
-                 intensity_target: IntensityTarget = "max", gradient_target: GradientTarget = "max",
-                 em_iterations: int = 1, cg_iterations: int = 10, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.save_hyperparameters(*LIKELIHOOD_OPTIONS)
-        if getattr(self.net, "cond_channels", 0):
-            raise ValueError("fusion trains an unconditional prior; set net.init_args.cond_channels=0 "
-                             f"(got {self.net.cond_channels})")
-
-    def target_and_condition(self, batch: dict[str, Any]) -> tuple[Tensor, None]:
-        return batch["image"].float() * 2 - 1, None
-
-    def condition(self, batch: dict[str, Any]) -> None:
-        return None
-
-    def decode(self, samples: Tensor) -> Tensor:
-        return ((samples + 1) / 2).clamp(0, 1)
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if "source_a" in batch:
-            return super().validation_step(batch, batch_idx)
-        # val batches of the data module are single images (no pairs, nothing to fuse): the loss only
-        generator = torch.Generator(self.device).manual_seed(self.hparams.seed + batch_idx)
-        self._loss(batch, "val", generator=generator)
-
-    def sample_metrics(self, prediction: Tensor, batch: dict[str, Any]) -> dict[str, float]:
-        """The fusion loss of the ensemble-mean fused image (lower keeps more of both sources)."""
-        hook = self.likelihood(batch["source_a"], batch["source_b"])
-        return {"fusion_loss": float(hook.loss(prediction.mean(0).to(self.device) * 2 - 1).mean())}
-
-    def likelihood(self, source_a: Tensor, source_b: Tensor) -> FusionLikelihood:
-        """The hook for sources ``(B, 1, *spatial)`` in ``[0, 1]``."""
-        a, b = (s.float().to(self.device) * 2 - 1 for s in (source_a, source_b))
-        return FusionLikelihood(a, b, **{name: self.hparams[name] for name in LIKELIHOOD_OPTIONS})
-
-    def measurement_hook(self, batch: dict[str, Any]) -> FusionLikelihood | None:
-        if "source_a" not in batch or "source_b" not in batch:
-            return None
-        return self.likelihood(batch["source_a"], batch["source_b"])
-
-    def fuse(self, source_a: Tensor, source_b: Tensor, **sampling: Any) -> Tensor:
-        """Fused luma ``(N, B, 1, *spatial)`` in ``[0, 1]`` of sources ``(B, 1, *spatial)`` in ``[0, 1]``.
-
-        Args:
-            sampling: ``sampler``, ``steps``, ``grid``, ``ensemble``, ``seed``, ``callback``, ``denoiser``
-                (see :meth:`DiffusionModule.sample`).
-        """
-        if source_a.shape != source_b.shape:
-            raise ValueError(f"sources differ in shape: {tuple(source_a.shape)} vs {tuple(source_b.shape)}")
-        hook = self.likelihood(source_a, source_b)
-        shape = (source_a.shape[0], *source_a.shape[2:])
-        return self.decode(self.sample(None, shape=shape, hook=hook, **sampling))
-
-    def predict(self, batch: dict[str, Any], **overrides: Any) -> Tensor:
-        """Fused luma ``(N, B, 1, *spatial)``; :meth:`colour` turns it into RGB for colour-mapped sources."""
-        return self.fuse(batch["source_a"], batch["source_b"], **overrides)
-
-    def colour(self, luma: Tensor, batch: dict[str, Any]) -> Tensor:
-        """``(B, 1, *spatial)`` fused luma to RGB with ``source_b_chroma``, or unchanged without one."""
-        chroma = batch.get("source_b_chroma")
-        return luma if chroma is None else restore_colour(luma, chroma)
