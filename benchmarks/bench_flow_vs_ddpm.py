@@ -11,7 +11,7 @@ quality at 1, 2, 5 and 10 NFE with and without k-space consistency, on the 25 he
 Train the checkpoints first, the same steps and seed (the config's DDPM predicts x0):
     medidiff fit --config configs/restoration/mni152_2d_kspace4x.yaml --trainer.max_steps 1200
     medidiff fit --config configs/restoration/mni152_2d_kspace4x.yaml --trainer.max_steps 1200 \\
-        --model.init_args.objective flow --model.init_args.prediction_type v      # or sample
+        --model.init_args.diffusion.objective flow --model.init_args.diffusion.prediction_type v      # or sample
     medidiff fit --config configs/restoration/mni152_2d_kspace4x_unet.yaml --trainer.max_steps 1200   # --unet
 """
 
