@@ -20,16 +20,20 @@ import yaml
 
 def build(config_path: str):
     from medidiff.data.datamodule import MedicalDataModule
-    from medidiff.lit import MODULES
+    from medidiff.lit import DistillationModule
+    from medidiff.lit.registry import SYSTEMS
     from medidiff.nets import ConditionalUNet, PlainUNet
+    from medidiff.tasks import task_named
 
     config = yaml.safe_load(open(config_path))
     model_cfg = config["model"]["init_args"]
-    net_cfg = model_cfg.pop("net")
+    net_cfg, task_cfg = model_cfg.pop("net"), model_cfg.pop("task")
     net_cls = {"medidiff.nets.ConditionalUNet": ConditionalUNet, "medidiff.nets.PlainUNet": PlainUNet}[
         net_cfg["class_path"]]
-    module = MODULES[config["model"]["class_path"].rsplit(".", 1)[1]](net=net_cls(**net_cfg["init_args"]),
-                                                                     **model_cfg)
+    task = task_named(task_cfg["class_path"])(**(task_cfg.get("init_args") or {}))
+    systems = {**SYSTEMS, "DistillationModule": DistillationModule}
+    module = systems[config["model"]["class_path"].rsplit(".", 1)[1]](net=net_cls(**net_cfg["init_args"]), task=task,
+                                                                      **model_cfg)
     data = MedicalDataModule(**config["data"])
     return module, data, config["trainer"].get("precision", "32")
 

@@ -30,8 +30,9 @@ def main() -> None:
     from monai.inferers import DiffusionInferer
     from monai.networks.schedulers import DDIMScheduler
 
-    from medidiff.lit import SegmentationDiffusion
+    from medidiff.lit import DiffusionModule
     from medidiff.nets import ConditionalUNet
+    from medidiff.tasks import Segmentation
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=288)
@@ -41,7 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     net = ConditionalUNet(2, 1, 1, channels=(8, 16, 32, 64), norm_num_groups=4).eval()
-    module = SegmentationDiffusion(net=net, num_classes=2, prediction_type="sample", sampler="ddim", grid="trailing")
+    module = DiffusionModule(net=net, task=Segmentation(num_classes=2), diffusion={"prediction_type": "sample"},
+                             sampler="ddim", grid="trailing")
     cond = torch.rand(1, 1, args.size, args.size)
     n, steps = args.members, args.steps
 

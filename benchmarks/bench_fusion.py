@@ -32,12 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medidiff import io  # noqa: E402
-from medidiff.checkpoint import load_module, read_checkpoint  # noqa: E402
+from medidiff.checkpoint import read_checkpoint  # noqa: E402
 from medidiff.cli import main as medidiff_main  # noqa: E402
 from medidiff.data.cards import load_card  # noqa: E402
-from medidiff.inference import SamplingOptions, adapter_for, from_checkpoint, infer  # noqa: E402
-from medidiff.lit.fusion import LIKELIHOOD_OPTIONS  # noqa: E402
+from medidiff.inference import SamplingOptions, from_checkpoint, infer  # noqa: E402
+from medidiff.inference.model import Model  # noqa: E402
+from medidiff.lit.registry import load_system  # noqa: E402
 from medidiff.metrics.evaluate import evaluate_fusion  # noqa: E402
+from medidiff.tasks import Fusion  # noqa: E402
 
 METRICS = ("en", "sd", "sf", "mi", "ssim", "qabf", "vif")
 DDFM = {"en": 4.64, "sd": 63.11, "mi": 1.99, "vif": 0.76, "qabf": 0.60}  # Zhao et al. ICCV 2023, Harvard
@@ -67,11 +69,11 @@ def split_folders(dataset: str, split: str, root: Path, limit: int | None) -> tu
     return root / "source_a", root / "source_b"
 
 
-def run_method(name: str, dirs: tuple[Path, Path], out: Path, adapter) -> dict:
+def run_method(name: str, dirs: tuple[Path, Path], out: Path, model: Model) -> dict:
     """Fuse all pairs with one method, evaluate, and return a table row."""
     shutil.rmtree(out / name, ignore_errors=True)  # infer resumes; a rerun must not reuse old outputs
     start = time.perf_counter()
-    infer(adapter, {"source_a": dirs[0], "source_b": dirs[1]}, out / name, report=lambda message: None)
+    infer(model, {"source_a": dirs[0], "source_b": dirs[1]}, out / name, report=lambda message: None)
     seconds = time.perf_counter() - start
     result = evaluate_fusion(out / name, dirs[0], dirs[1], out_json=out / f"{name}.json")
     pairs = len(result["cases"])
@@ -139,22 +141,26 @@ def main() -> None:
         checkpoint, train_seconds = args.ckpt, 0.0
     else:
         checkpoint, train_seconds = train_prior(args.dataset, args.train_minutes, root / "train")
-    module, _ = load_module(checkpoint, task="fusion")
+    system, _ = load_system(checkpoint, task="fusion")
+    likelihood = dict(system.task.config)  # the prior's likelihood settings (Fusion's arguments)
     for option in args.set:
         name, _, value = option.partition("=")
-        if name not in LIKELIHOOD_OPTIONS:
-            raise SystemExit(f"--set {option}: not a likelihood option ({', '.join(LIKELIHOOD_OPTIONS)})")
-        module.hparams[name] = type(module.hparams[name])(value)
+        if name not in likelihood:
+            raise SystemExit(f"--set {option}: not a likelihood option ({', '.join(likelihood)})")
+        likelihood[name] = type(likelihood[name])(value)
+    system.task = Fusion(**likelihood)
     dirs = split_folders(args.dataset, args.split, root, args.limit)
     results = root / "results"
     rows = [run_method(name, dirs, results, from_checkpoint("fusion", None, method=name))
             for name in ("average", "max_abs", "laplacian")]
     for nfe in args.nfe:
-        sampler, grid = ((module.hparams.sampler, module.hparams.grid) if args.own_sampler
+        sampler, grid = ((system.hparams.sampler, system.hparams.grid) if args.own_sampler
                          else ("dpmpp_2m", "exponential"))
         options = SamplingOptions(sampler=sampler, steps=nfe, grid=grid, seed=args.seed)
-        adapter = adapter_for("fusion", module, module.contract, options, str(checkpoint))
-        row = run_method(f"diffusion_nfe{nfe}", dirs, results, adapter)
+        task_options = {"contract": system.contract, "method": "diffusion"}
+        system.task.prepare(system, system.contract, task_options, checkpoint)
+        model = Model(system, system.task, system.contract, options, task_options, str(checkpoint))
+        row = run_method(f"diffusion_nfe{nfe}", dirs, results, model)
         rows.append({**row, "nfe": nfe, "seed": args.seed})
     rows.append({"method": "DDFM (published, Harvard)", **{m: DDFM.get(m) for m in METRICS},
                  "command": "published by Zhao et al., ICCV 2023"})

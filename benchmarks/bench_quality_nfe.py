@@ -14,13 +14,12 @@ printed as the noise), <= 10 NFE within 1 dB.
 
 Segmentation model: a DRIVE checkpoint of tasks/segmentation/README.md; cases: the first ``--slices`` DRIVE test
 images, whole (565 x 584), as the data module's test split prepares them; score: vessel Dice inside the field-of-view
-mask, the module's own validation metric. Target: <= 10 NFE within 1 Dice point of DDPM-1000.
+mask, the task's own validation metric. Target: <= 10 NFE within 1 Dice point of DDPM-1000.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import platform
 import statistics
 import time
@@ -32,7 +31,7 @@ import torch
 
 
 def load_cases(folder: Path, count: int) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """``(case, condition in the model's [-1, 1] space, reference in [0, 1] by the same window)``."""
+    """``(case, condition in [0, 1] (the model's input), reference in [0, 1] by the same window)``."""
     from monai.transforms import Compose
 
     from medidiff.data.cards import InputSpec
@@ -47,7 +46,7 @@ def load_cases(folder: Path, count: int) -> list[tuple[str, torch.Tensor, torch.
         prepared = normalise({"image": degraded})  # the normalisation of training and of `medidiff infer`
         low, high = prepared["image_bounds"][0].tolist()
         condition = torch.as_tensor(prepared["image"]).float()
-        cases.append((path.name, condition * 2 - 1, ((reference - low) / (high - low)).clamp(0, 1)))
+        cases.append((path.name, condition, ((reference - low) / (high - low)).clamp(0, 1)))
     return cases
 
 
@@ -66,25 +65,28 @@ def psnr(estimate: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def monai_sample(module, cond: torch.Tensor, scheduler_name: str, steps: int, seed: int) -> torch.Tensor:
-    """MONAI's own path: DiffusionInferer.sample with concat conditioning on the same network."""
+    """MONAI's own path: DiffusionInferer.sample with concat conditioning (``cond``: the network's condition, as
+    the task makes it from the inputs) on the same network."""
     from monai.inferers import DiffusionInferer
     from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+    from medidiff.core.padding import level_multiple
 
     cls = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}[scheduler_name]
     scheduler = cls(1000, prediction_type="sample", clip_sample=False)
     scheduler.set_timesteps(steps)
-    multiple = module.size_multiple
+    multiple = level_multiple(module.net)
     pad = [(-s) % multiple for s in cond.shape[2:]]
     padded = torch.nn.functional.pad(cond, [0, pad[1], 0, pad[0]], mode="replicate")
     noise = torch.randn((1, 1, *padded.shape[2:]), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         sample = DiffusionInferer(scheduler).sample(noise, module.net.unet, scheduler, conditioning=padded,
                                                     mode="concat", verbose=False)
-    return module.decode(sample[..., :cond.shape[2], :cond.shape[3]])
+    return module.task.decode(sample[..., :cond.shape[2], :cond.shape[3]])
 
 
 def main() -> None:
-    from medidiff.checkpoint import load_module
+    from medidiff.lit.registry import load_system
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", type=Path, required=True)
@@ -94,29 +96,37 @@ def main() -> None:
     parser.add_argument("--task", choices=("restoration", "segmentation"), default="restoration")
     parser.add_argument("--ddpm-steps", type=int, default=1000, help="MONAI DDPM steps (fewer only for smoke runs)")
     args = parser.parse_args()
-    module, _ = load_module(args.ckpt, task=args.task)
+    module, _ = load_system(args.ckpt, task=args.task)
     if args.task == "segmentation":
-        cases = load_drive_cases(args.slices)
-        sample = functools.partial(module.predict_probabilities, seed=args.seed)
+        cases = [(name, {"image": image}, batch) for name, image, batch in load_drive_cases(args.slices)]
+
+        def sample(inputs: dict, **sampling) -> torch.Tensor:  # probabilities (N, B, C, H, W)
+            return module.predict(inputs, seed=args.seed, **sampling)
 
         def score(prediction: torch.Tensor, batch: dict) -> float:  # prediction (1, C, H, W)
-            return module.sample_metrics(prediction[None], batch)["dice"]
+            return module.task.sample_metrics(prediction[None], batch)["dice"]
 
         metric, unit, what = "Dice", "", "DRIVE test images (inside the field of view)"
     else:
-        cases = [(name, cond[None], ref) for name, cond, ref in load_cases(args.cases, args.slices)]
-        sample = functools.partial(module.estimate, seed=args.seed)
+        cases = [(name, {"condition": cond[None]}, ref) for name, cond, ref in load_cases(args.cases, args.slices)]
+
+        def sample(inputs: dict, **sampling) -> torch.Tensor:  # ensemble-mean images (B, C, H, W) in [0, 1]
+            # no k-space mask among the inputs: no data consistency (MONAI's inferer has no per-step hook)
+            return module.predict(inputs, seed=args.seed, **sampling).mean(0)
+
         score, metric, unit, what = psnr, "PSNR", " dB", "held-aside MNI152 slices, no data consistency"
     ddpm = f"MONAI DDPMScheduler, {args.ddpm_steps} steps"
     rows = [(f"medidiff dpmpp_2m, {n} steps", n, lambda c, n=n: sample(c, sampler="dpmpp_2m", steps=n)[0])
             for n in (5, 10, 20, 50)]
     rows += [("medidiff ddim, 50 steps", 50, lambda c: sample(c, sampler="ddim", steps=50, grid="trailing")[0]),
-             ("MONAI DDIMScheduler, 50 steps", 50, lambda c: monai_sample(module, c, "ddim", 50, args.seed)),
-             (ddpm, args.ddpm_steps, lambda c: monai_sample(module, c, "ddpm", args.ddpm_steps, args.seed))]
+             ("MONAI DDIMScheduler, 50 steps", 50,
+              lambda c: monai_sample(module, module.task.condition(c), "ddim", 50, args.seed)),
+             (ddpm, args.ddpm_steps,
+              lambda c: monai_sample(module, module.task.condition(c), "ddpm", args.ddpm_steps, args.seed))]
     start, results = time.perf_counter(), {}
     for name, nfe, run in rows:
         began = time.perf_counter()
-        scores = [score(run(cond), ref) for _, cond, ref in cases]
+        scores = [score(run(inputs), ref) for _, inputs, ref in cases]
         results[name] = (nfe, scores, time.perf_counter() - began)
         print(f"{name:34s} {metric} {statistics.mean(scores):6.3f}{unit}  ({time.perf_counter() - began:.0f} s)",
               flush=True)

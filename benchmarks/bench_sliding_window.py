@@ -20,6 +20,7 @@ windows overlap); sample seam ratio <= input ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -82,17 +83,36 @@ def spike_ratio(volume: torch.Tensor, margin: int = 4) -> float:
     return worst
 
 
+@torch.no_grad()
+def windowed_sample(system, cond: torch.Tensor, windows, *, sampler: str, steps: int, seed: int) -> torch.Tensor:
+    """``system.sample(cond, sampler=, steps=, seed=, window=...)`` of one member without a hook, denoising through
+    ``windows`` instead of the wrapper ``window=`` builds (its defaults: 4 windows per network call, fixed grid): the
+    steps of ``DiffusionModule.draw`` and ``sample``, ``(N, B, C, *spatial)`` in the target's space."""
+    from medidiff.core import ClassifierFreeGuidance, get_sampler
+    from medidiff.core.padding import crop, level_multiple, pad_to_multiple
+
+    padded, pad = pad_to_multiple(cond.float(), level_multiple(system.net))
+    sigmas = system.denoiser.get_sigmas(steps, system.hparams.grid)
+    generator = torch.Generator(system.device).manual_seed(seed)
+    x = torch.randn((cond.shape[0], system.net.in_channels, *padded.shape[2:]), generator=generator,
+                    device=system.device).mul_(sigmas[0].to(system.device))
+    guidance = system.hparams.guidance_scale
+    base = windows if guidance == 1 else ClassifierFreeGuidance(windows, guidance)
+    samples = get_sampler(sampler)(functools.partial(base, cond=padded), x, sigmas, generator=generator)
+    return system.task.undiffuse(crop(samples, pad)[None], cond)
+
+
 def worker(size: int, roi: int, steps: int, seed: int, shift: bool) -> dict:
-    from medidiff.checkpoint import load_module
     from medidiff.demo import WEIGHTS
+    from medidiff.lit.registry import load_system
     from medidiff.sliding import SlidingWindowDenoiser
 
-    module, _ = load_module(WEIGHTS / "superres_ct_3d.ckpt", task="superres")
+    system, _ = load_system(WEIGHTS / "superres_ct_3d.ckpt", task="superres")
     cond = phantom(size, seed) * 2 - 1
-    denoiser = SlidingWindowDenoiser(module.denoiser, (roi,) * 3, overlap=0.25, batch_size=1, shift=shift)
+    denoiser = SlidingWindowDenoiser(system.denoiser, (roi,) * 3, overlap=0.25, batch_size=1, shift=shift)
     idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
-    sample = module.sample(cond, sampler="dpmpp_2m", steps=steps, seed=seed, denoiser=denoiser)[0, 0, 0]
+    sample = windowed_sample(system, cond, denoiser, sampler="dpmpp_2m", steps=steps, seed=seed)[0, 0, 0]
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     borders = window_borders(size, roi, 0.25)

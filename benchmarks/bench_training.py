@@ -6,10 +6,11 @@ switches (bf16 autocast, channels-last, torch.compile), measured side by side in
 Same network (a 1.1 M-parameter conditional 2D DiffusionModelUNet, channels 32-64-64, the condition
 concatenated), same in-memory data (64 smooth random image/condition pairs, 64x64, batch 8, shuffled by the
 same seed), same optimiser (AdamW, lr 1e-4). The bare loop is the MONAI tutorial loop: DDPMScheduler.add_noise,
-MSE on the noise, backward, step. medidiff runs `RestorationDiffusion` (epsilon prediction) under a Lightning
-Trainer with logging, checkpointing and the progress bar off. Throughput is images/s over the steps after a
-warm-up; the variants are interleaved and each is repeated, the median reported, so machine noise hits all
-alike. Targets (issue 7): medidiff >= 0.95x the bare loop; each switch's gain, with an output-equality check.
+MSE on the noise, backward, step. medidiff runs `DiffusionModule` with the `Restoration` task (epsilon
+prediction) under a Lightning Trainer with logging, checkpointing and the progress bar off. Throughput is images/s
+over the steps after a warm-up; the variants are interleaved and each is repeated, the median reported, so machine
+noise hits all alike. Targets (issue 7): medidiff >= 0.95x the bare loop; each switch's gain, with an
+output-equality check.
 """
 
 from __future__ import annotations
@@ -74,10 +75,11 @@ def bare_monai(data, steps: int, seed: int) -> float:
 
 
 def medidiff_fit(data, steps: int, seed: int, precision: str = "32-true", **switches) -> float:
-    """Images/s of `medidiff fit`'s path: RestorationDiffusion under a Lightning Trainer."""
+    """Images/s of `medidiff fit`'s path: DiffusionModule (Restoration task) under a Lightning Trainer."""
     import lightning as L
 
-    from medidiff.lit import RestorationDiffusion
+    from medidiff.lit import DiffusionModule
+    from medidiff.tasks import Restoration
 
     class StepTimes(L.Callback):
         times: list[float] = []
@@ -87,8 +89,8 @@ def medidiff_fit(data, steps: int, seed: int, precision: str = "32-true", **swit
 
     timer = StepTimes()
     timer.times = []
-    module = RestorationDiffusion(net=make_net(seed), prediction_type="epsilon", lr=1e-4, warmup_steps=0,
-                                  **switches)
+    module = DiffusionModule(net=make_net(seed), task=Restoration(), diffusion={"prediction_type": "epsilon"}, lr=1e-4,
+                             warmup_steps=0, **switches)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])

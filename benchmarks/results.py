@@ -100,7 +100,7 @@ def run_image_row(task: str, row: Row, out: Path, ref: Path, data_range: float) 
         raise MedidiffError(f"evaluate failed for row {row.name}")
     summary = json.loads(metrics.read_text())["summary"]
     return {"row": row.name, "args": " ".join(row.infer_args), "note": row.note, "seconds": seconds,
-            **{name: summary[name]["mean"] for name in ("psnr", "ssim", "nmse") if name in summary},
+            **{name: summary[name]["mean"] for name in ("psnr", "ssim", "nmse", "mae") if name in summary},
             "n": summary["psnr"]["n"]}
 
 

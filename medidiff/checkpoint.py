@@ -20,6 +20,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from medidiff.arguments import check_arguments, parameters
 from medidiff.errors import MedidiffError
+from medidiff.io import atomic_write
 from medidiff.nets import ConditionalUNet, PlainUNet
 
 # the closed list of networks a checkpoint may ask for
@@ -106,8 +107,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
 def save_checkpoint(content: dict[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` through a temporary file and a rename: an interrupted or failed write (disk full) leaves the
     previous checkpoint in place and no partial one; a failure is one :class:`MedidiffError`."""
-    from medidiff.io import atomic_write
-
     try:
         return atomic_write(path, lambda temporary: torch.save(content, temporary))
     except RuntimeError as err:  # torch reports a failed write (ENOSPC) as a RuntimeError of its zip writer

@@ -6,10 +6,20 @@ from __future__ import annotations
 import argparse
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence, get_args
 
+import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from medidiff.arguments import MAX_ENSEMBLE, MAX_STEPS
+from medidiff.core import SAMPLERS
+from medidiff.core.denoiser import SigmaGrid
+from medidiff.demo import run_demo, weights
 from medidiff.errors import MedidiffError
-from medidiff.inference.contract import ALLOW
+from medidiff.inference import InputOptions, from_checkpoint, infer
+from medidiff.inference.contract import ALLOW, describe
+from medidiff.lit.registry import export, load_system, validate_steps
+from medidiff.report import plot_logs
 from medidiff.tasks import REGISTRY, Option, task_class
 
 # the models `medidiff demo` runs, trained on the shipped sample (medidiff/weights, tasks/train_demo_models.sh):
@@ -19,9 +29,6 @@ SHIPPED = ("segmentation_mni_2d", "segmentation_ct_3d", "restoration_mni_2d", "s
 
 def _grid(text: str) -> str | list[float]:
     """``--grid``: a named spacing, or comma-separated noise levels."""
-    from typing import get_args
-
-    from medidiff.core.denoiser import SigmaGrid  # here, not at import: the core pulls in torch
 
     names = get_args(SigmaGrid)
     if text in names:
@@ -124,8 +131,6 @@ def refuse_foreign_options(args: argparse.Namespace, kind: str) -> None:
 
 
 def _infer(args: argparse.Namespace) -> None:
-    from medidiff.inference import InputOptions, from_checkpoint, infer
-
     cls = task_class(args.task)
     _check_infer_options(args, cls)
     inputs = dict(zip(cls.roles, (args.input, args.input_b)))
@@ -143,10 +148,6 @@ def _infer(args: argparse.Namespace) -> None:
 
 def _check_infer_options(args: argparse.Namespace, cls: Any) -> None:
     """Refuse bad options before any model is loaded or file written."""
-    import torch
-
-    from medidiff.arguments import MAX_ENSEMBLE, MAX_STEPS
-    from medidiff.core import SAMPLERS
 
     refuse_foreign_options(args, "options")
     if args.sampler is not None and args.sampler not in SAMPLERS:
@@ -172,8 +173,6 @@ def _check_infer_options(args: argparse.Namespace, cls: Any) -> None:
 
 @contextlib.contextmanager
 def _progress_bars() -> Iterator[tuple[Any, Any]]:
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn()) as progress:
         def factory(case: str):
@@ -186,8 +185,6 @@ def _progress_bars() -> Iterator[tuple[Any, Any]]:
 def checkpoint_path(value: str | None) -> Path:
     """``--ckpt``: a checkpoint file, or the name of a shipped model. Never chosen for the user: a model picked by
     modality alone labelled an abdominal MR with brain tissue classes."""
-    from medidiff.demo import weights
-
     if value is None:
         raise MedidiffError(f"give the model with --ckpt: a checkpoint of yours, or a shipped demo model by name "
                             f"({', '.join(SHIPPED)}; `medidiff models` says what each was trained on)")
@@ -215,10 +212,6 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _models(args: argparse.Namespace) -> None:
     """What each shipped model was trained on, so that one is chosen knowingly."""
-    from medidiff.demo import weights
-    from medidiff.inference.contract import describe
-    from medidiff.lit.registry import load_system
-
     for name in SHIPPED:
         system, _ = load_system(weights(name))
         contract, task = system.contract, system.task.name
@@ -235,8 +228,6 @@ def _first_sentence(text: str) -> str:
 
 
 def _export(args: argparse.Namespace) -> None:
-    from medidiff.lit.registry import export, load_system, validate_steps
-
     system, data_settings = load_system(args.ckpt)
     if args.validate_steps:
         contract = validate_steps(system, data_settings, args.validate_steps)
@@ -246,12 +237,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _plot_logs(args: argparse.Namespace) -> None:
-    from medidiff.report import plot_logs
-
     print(f"wrote {plot_logs(args.log, args.out or args.log.with_suffix('.png'))}")
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from medidiff.demo import run_demo
-
     run_demo(args.out, steps=args.steps, ensemble=args.ensemble, only=args.only)

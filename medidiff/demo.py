@@ -7,6 +7,7 @@ code as ``medidiff evaluate``, and draws a panel. ``report.md`` collects the tab
 
 from __future__ import annotations
 
+import platform
 import time
 from importlib import resources
 from pathlib import Path
@@ -15,11 +16,14 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 import torch
+from PIL import Image
 
+import medidiff
 from medidiff import io
-from medidiff.core.operators import kspace_mask, undersample
+from medidiff.core.operators import downsample, kspace_mask, undersample
+from medidiff.data.cards import load_card
 from medidiff.errors import MedidiffError
-from medidiff.inference import InputOptions, SamplingOptions, infer
+from medidiff.inference import InputOptions, SamplingOptions, from_checkpoint, infer
 from medidiff.inference.model import Model
 from medidiff.lit.registry import load_system
 from medidiff.metrics import evaluate as E
@@ -81,7 +85,6 @@ def segmentation_3d(out: Path, options: SamplingOptions, log: Callable[[str], No
     nib.save(nib.load(SAMPLES / "totalseg_ct/ct_b.nii.gz"), scan)
     nib.save(nib.load(SAMPLES / "totalseg_ct/seg_b.nii.gz"), refs / "ct_b.nii.gz")
     _run("segmentation", "segmentation_ct_3d", {"image": inputs}, pred, options, log)
-    from medidiff.data.cards import load_card
 
     card = load_card("sample_ct", check_files=False)
     result = E.evaluate_segmentation(pred, refs, labels=dict(card.labels), label_remap=dict(card.label_remap),
@@ -129,7 +132,6 @@ def superres(out: Path, options: SamplingOptions, log: Callable[[str], None]) ->
     nib.save(hr, hr_path)
     system, _ = load_system(weights("superres_ct_3d"), task="superres")
     factors = [int(f) for f in system.task.factors]
-    from medidiff.core.operators import downsample
 
     low = downsample(torch.from_numpy(_volume(hr_path))[None, None], factors)[0, 0].numpy()
     inputs = out / "inputs" / "sr"
@@ -157,9 +159,6 @@ def superres(out: Path, options: SamplingOptions, log: Callable[[str], None]) ->
 
 
 def fusion(out: Path, options: SamplingOptions, log: Callable[[str], None]) -> dict:
-    from PIL import Image
-
-    from medidiff.inference import from_checkpoint
 
     cases = ["124", "132"]  # the sample card's test pairs (MNI T1 + simulated PET)
     folders = {kind: out / "inputs" / "fusion" / kind for kind in ("mri", "pet")}
@@ -228,9 +227,6 @@ def run_demo(out: str | Path, *, steps: int = 10, ensemble: int = 3, only: list[
 
 
 def _report_text(rows: list[dict], total: float, steps: int) -> str:
-    import platform
-
-    import medidiff
 
     columns = ["task", "cases", "Dice", "HD95 mm", "PSNR", "SSIM", "Qabf", "VIF", "baseline", "NFE",
                "ensemble", "seconds"]

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medidiff.errors import MedidiffError
+
 __all__ = ["CLASSICAL_FUSION", "fuse_average", "fuse_max_abs", "fuse_laplacian", "laplacian_pyramid",
            "collapse_pyramid"]
 
@@ -135,8 +137,6 @@ class ClassicalFusion:
     spatial_dims = None  # whole images or volumes, never slice by slice
 
     def __init__(self, method: str):
-        from medidiff.errors import MedidiffError
-
         if method not in CLASSICAL_FUSION:
             raise MedidiffError(f"unknown fusion method '{method}'; choose one of {', '.join(CLASSICAL_FUSION)}")
         self.method, self.fuser = method, CLASSICAL_FUSION[method]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets import DiffusionModelUNet, UNet
 from torch import Tensor, nn
 
 
@@ -100,7 +100,6 @@ class PlainUNet(nn.Module):
                  channels: Sequence[int] = (16, 32, 64, 128), strides: Sequence[int] = (2, 2, 2),
                  num_res_units: int = 2, dropout: float = 0.0):
         super().__init__()
-        from monai.networks.nets import UNet
 
         if in_channels is None:
             raise ValueError("in_channels is null: medidiff fit fills it from the data card; give a number here")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medidiff import cli
+from medidiff import lightning_cli as cli
 
 
 @pytest.mark.parametrize("has_bf16,accelerator,precision,expected", [

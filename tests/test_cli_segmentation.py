@@ -92,7 +92,7 @@ def test_evaluate_command_scores_hand_built_masks(tmp_path):
     a[2:6, 2:6] = 1
     b = np.zeros_like(a)
     b[2:6, 4:8] = 1  # half the square overlaps: Dice 0.5
-    nib.save(nib.Nifti1Image(a, np.diag([1.0, 1.0, 3.0, 1.0])), pred / "case1_seg.nii.gz")
+    nib.save(nib.Nifti1Image(a, np.diag([1.0, 1.0, 3.0, 1.0])), pred / "case1.nii.gz")  # pairs by exact name
     nib.save(nib.Nifti1Image(b, np.diag([1.0, 1.0, 3.0, 1.0])), ref / "case1.nii.gz")
     out = tmp_path / "metrics.json"
     assert main(["evaluate", "--task", "segmentation", "--pred", str(pred), "--ref", str(ref), "--out",

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medidiff.data.cards import load_card
 from medidiff.errors import MedidiffError
 from medidiff.metrics.evaluate import case_name, evaluate_fusion, evaluate_image, evaluate_segmentation
 from medidiff.metrics.fusion import fusion_metrics
 from medidiff.metrics.image import psnr, ssim
 
 SPACING = (3.0, 0.5, 0.5)
+DRIVE_SUFFIXES = load_card("drive", check_files=False).case_suffixes
 
 
 def _nii(path: Path, data: np.ndarray, spacing=SPACING) -> None:
@@ -49,16 +51,18 @@ def seg_folders(tmp_path):
     pred[0, 7:, :4, :4] = ref[0, 7:, :4, :4] = 2
     pred[1, 2:4, 2:6, 2:6] = ref[1, 2:4, 2:6, 2:6] = 1
     for i in range(2):
-        _nii(tmp_path / "pred" / f"case{i + 1}_pred.nii.gz", pred[i])
+        _nii(tmp_path / "pred" / f"case{i + 1}.nii.gz", pred[i])
         _nii(tmp_path / "ref" / f"case{i + 1}.nii.gz", ref[i])
     return tmp_path
 
 
 def test_case_name_rule():
-    assert case_name("liver_007_seg.nii.gz") == "liver_007"
-    assert case_name("01_test_mask.gif") == case_name("01_manual1.gif") == case_name("01_test.png") == "01"
-    assert case_name("CASE_PRED.NII.GZ") == "CASE"
-    assert case_name("_seg.png") == "_seg"  # never stripped to nothing
+    assert case_name("liver_007_seg.nii.gz") == "liver_007_seg"  # only the extension, without a card's suffixes
+    assert case_name("liver_007_seg.nii.gz", ["_seg"]) == "liver_007"
+    assert case_name("01_test_mask.gif", DRIVE_SUFFIXES) == case_name("01_manual1.gif", DRIVE_SUFFIXES) == "01"
+    assert case_name("01_test.png", DRIVE_SUFFIXES) == case_name("01_manual2.gif", DRIVE_SUFFIXES) == "01"
+    assert case_name("CASE_PRED.NII.GZ", ["_pred"]) == "CASE"
+    assert case_name("_seg.png", ["_seg"]) == "_seg"  # never stripped to nothing
     assert case_name("notes.json") is None and case_name(".hidden.png") is None
 
 
@@ -69,7 +73,7 @@ def test_segmentation_json_per_case_and_summary(seg_folders):
     on_disk = _strict_json(out)
     c1, c2 = on_disk["cases"]
     assert (c1["case"], c2["case"]) == ("case1", "case2")
-    assert c1["pred"].endswith("case1_pred.nii.gz") and c1["ref"].endswith("case1.nii.gz")
+    assert c1["pred"].endswith("pred/case1.nii.gz") and c1["ref"].endswith("ref/case1.nii.gz")
     assert c1["dice_plane"] == pytest.approx(0.0) and c1["hd95_plane"] == pytest.approx(6.0)
     assert c1["dice_block"] == pytest.approx(1.0) and c1["hd95_block"] == pytest.approx(0.0)
     assert c1["dice_mean"] == pytest.approx(0.5) and c1["hd95_mean"] == pytest.approx(3.0)
@@ -113,7 +117,7 @@ def test_region_folder_restricts_to_the_field_of_view(tmp_path):
     _png(tmp_path / "pred" / "01_test.png", pred)
     _png(tmp_path / "ref" / "01_manual1.png", ref)
     _png(tmp_path / "fov" / "01_test_mask.png", fov)
-    kwargs = {"labels": {"vessel": 1}, "label_remap": {255: 1}}
+    kwargs = {"labels": {"vessel": 1}, "label_remap": {255: 1}, "suffixes": DRIVE_SUFFIXES}
     whole = evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", **kwargs)
     inside = evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", region_dir=tmp_path / "fov", **kwargs)
     assert whole["cases"][0]["dice_vessel"] == pytest.approx(2 * 32 / (64 + 32))
@@ -121,14 +125,14 @@ def test_region_folder_restricts_to_the_field_of_view(tmp_path):
     assert inside["cases"][0]["region"].endswith("01_test_mask.png")
     # without the remap, 255 is no class of the card: refused, not scored as a Dice of 0
     with pytest.raises(MedidiffError, match=r"value\(s\) \[255\]"):
-        evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", labels={"vessel": 1})
+        evaluate_segmentation(tmp_path / "pred", tmp_path / "ref", labels={"vessel": 1}, suffixes=DRIVE_SUFFIXES)
 
 
 def test_missing_partner_names_the_file(seg_folders):
     (seg_folders / "ref" / "case2.nii.gz").unlink()
     with pytest.raises(MedidiffError, match="case 'case2' has no ref file") as err:
         evaluate_segmentation(seg_folders / "pred", seg_folders / "ref")
-    assert err.value.path.endswith("case2_pred.nii.gz")
+    assert err.value.path.endswith("pred/case2.nii.gz")
 
 
 def test_shape_and_spacing_mismatch_name_the_file(seg_folders):
@@ -157,14 +161,14 @@ def test_a_shifted_origin_names_the_file_and_a_tiny_one_passes(seg_folders):
 def test_duplicate_case_names_raise(seg_folders):
     _nii(seg_folders / "pred" / "case1_seg.nii.gz", np.zeros((10, 8, 8), np.uint8))
     with pytest.raises(MedidiffError, match="two files map to case 'case1'"):
-        evaluate_segmentation(seg_folders / "pred", seg_folders / "ref")
+        evaluate_segmentation(seg_folders / "pred", seg_folders / "ref", suffixes=["_seg"])
 
 
 def test_image_evaluation_on_3d_nifti(tmp_path):
     rng = np.random.default_rng(0)
     ref = rng.random((12, 12, 12)).astype(np.float32)
     pred = (ref + 0.05 * rng.standard_normal(ref.shape)).astype(np.float32)
-    _nii(tmp_path / "pred" / "vol_pred.nii.gz", pred)
+    _nii(tmp_path / "pred" / "vol.nii.gz", pred)
     _nii(tmp_path / "ref" / "vol.nii.gz", ref)
     out = tmp_path / "image.json"
     evaluate_image(tmp_path / "pred", tmp_path / "ref", data_range=1.0, out_json=out)

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,8 +29,9 @@ from monai.data import MetaTensor
 from PIL import Image
 
 from medidiff import io
-from medidiff.data.cards import TASKS, DataCard, load_card
+from medidiff.data.cards import DataCard, load_card
 from medidiff.errors import MedidiffError
+from medidiff.tasks import REGISTRY
 
 # A fixed, bounded search by default (the whole file runs in well under a minute); for a longer random hunt:
 # MEDIDIFF_FUZZ_EXAMPLES=2000 pytest tests/test_fuzz.py
@@ -128,7 +130,7 @@ def assert_well_formed(card: DataCard) -> None:
     """What the rest of medidiff relies on once a card has loaded."""
     assert isinstance(card.name, str) and isinstance(card.description, str) and isinstance(card.licence, str)
     assert card.spatial_dims in (2, 3)
-    assert card.tasks and all(t in TASKS for t in card.tasks)
+    assert card.tasks and all(t in REGISTRY for t in card.tasks)
     assert card.inputs
     for spec in card.inputs.values():
         assert spec.channels and all(isinstance(c, str) for c in spec.channels)
@@ -238,8 +240,8 @@ def read_or_refuse(path: Path, **kwargs) -> None:
         return
     assert isinstance(image, MetaTensor)
     assert image.ndim in (3, 4) and image.numel() > 0
-    assert image.dtype in (io.torch.float32, io.torch.int64)
-    assert bool(io.torch.isfinite(image.float()).all())
+    assert image.dtype in (torch.float32, torch.int64)
+    assert bool(torch.isfinite(image.float()).all())
     affine = np.asarray(image.affine)
     assert affine.shape == (4, 4) and np.isfinite(affine).all()
     assert all(math.isfinite(s) and s > 0 for s in image.meta["spacing"])

@@ -266,3 +266,38 @@ def test_check_pair_shape_and_affine(tmp_path):
         io.check_pair(image, shifted)
     assert "shifted.nii.gz" in str(err.value)
     io.check_pair(image, io.read(tmp_path / "img.nii.gz"))
+
+
+def _turned(degrees: float, spacing=(3.0, 3.0, 3.0), origin=(0.0, 0.0, 0.0)) -> np.ndarray:
+    angle = np.radians(degrees)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+    affine[:3, :3] *= spacing
+    affine[:3, 3] = origin
+    return affine
+
+
+def test_one_grid_rule_for_training_pairs_and_evaluation(tmp_path):
+    """``grid_problem`` is the rule of check_pair (image and label) and of evaluate (prediction and reference): the
+    stricter of their two former rules wherever they differed, only the origin tolerance is the caller's."""
+    data = np.zeros((6, 6, 4), np.uint8)
+    image = io.read(save_nifti(tmp_path / "img.nii.gz", data, _turned(0.0)), kind="label")
+
+    def other(affine: np.ndarray) -> torch.Tensor:
+        return io.read(save_nifti(tmp_path / "other.nii.gz", data, affine), kind="label")
+
+    assert io.grid_problem(other(_turned(0.0)), image) is None
+    # 0.05 degrees on 3 mm voxels moves the axes by 0.0026 mm: evaluate's angle rule passed it, check_pair's did not
+    assert io.grid_problem(other(_turned(0.05)), image).startswith("voxel axes [[")
+    assert io.grid_problem(other(_turned(0.5)), image) == ("voxel axes (direction) are turned by 0.5 degrees "
+                                                           "against those")
+    # a voxel 0.0005 mm larger: check_pair's 1e-3 mm passed it, evaluate's relative spacing rule did not
+    assert io.grid_problem(other(_turned(0.0, spacing=(3.0005, 3.0, 3.0))), image).startswith("spacing (3.000")
+    with pytest.raises(MedidiffError, match=r"label affine differs .*same grid \(spacing \(3.000"):
+        io.check_pair(image, other(_turned(0.0, spacing=(3.0005, 3.0, 3.0))))
+    flipped = np.diag([-3.0, 3.0, 3.0, 1.0])
+    assert io.grid_problem(other(flipped), image) == "orientation LAS differs from RAS"
+    shifted = other(_turned(0.0, origin=(0.1, 0.0, 0.0)))
+    assert io.grid_problem(shifted, image) == "origin [0.1, 0.0, 0.0] lies 0.10 mm from [0.0, 0.0, 0.0]"
+    assert io.grid_problem(shifted, image, origin_atol=1.5) is None  # evaluate: up to half a voxel
+    assert io.grid_problem(other(np.eye(4))[:, :5], image) == "shape (5, 6, 4) differs from (6, 6, 4)"

@@ -17,6 +17,7 @@ from medidiff.metrics.segmentation import (
     predictive_entropy,
     segmentation_metrics,
     staple,
+    with_background,
 )
 
 
@@ -163,3 +164,15 @@ def test_uncertainty_of_confident_agreeing_ensemble_is_zero():
     probs[:, 1] = 1.0
     np.testing.assert_allclose(predictive_entropy(probs), 0.0)
     np.testing.assert_allclose(ensemble_variance(probs), 0.0)
+
+
+def test_with_background_is_the_plain_concatenation_bit_for_bit():
+    import torch
+
+    p = np.random.default_rng(0).random((3, 1, 5, 4)).astype(np.float32)
+    both = with_background(p, axis=1)
+    assert both.dtype == np.float32 and both.shape == (3, 2, 5, 4)
+    assert np.array_equal(both, np.concatenate([1 - p, p], axis=1))  # float32 throughout, not via float64
+    assert np.array_equal(with_background(p[0], axis=0), np.concatenate([1 - p[0], p[0]]))
+    t = torch.from_numpy(p)
+    assert torch.equal(with_background(t, axis=1), torch.cat([1 - t, t], 1))

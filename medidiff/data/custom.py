@@ -13,14 +13,16 @@ from typing import Any
 
 import torch
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Randomizable
+from monai.transforms import MapTransform, Randomizable, SpatialCropd
 
 from medidiff import io
 from medidiff.data.cards import DataCard
+from medidiff.data.degrade import degrade_with_extras
 from medidiff.data.labels import read_stored, to_classes
 
-# ITU-R BT.601 full-range RGB <-> YCbCr, for images in [0, 1].
-_RGB_TO_YCBCR = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
+# ITU-R BT.601 full-range RGB <-> YCbCr, for images in [0, 1]; its first row, LUMA, weighs R, G, B into Y.
+LUMA = (0.299, 0.587, 0.114)
+_RGB_TO_YCBCR = torch.tensor([LUMA, [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 
 
 def rgb_to_ycbcr(rgb: torch.Tensor, channel_dim: int = 0) -> torch.Tensor:
@@ -144,8 +146,6 @@ class ForegroundPatchd(MapTransform):
         self.label_key, self.roi_size = label_key, [int(r) for r in roi_size]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from monai.transforms import SpatialCropd
-
         d = dict(data)
         label = torch.as_tensor(d[self.label_key])[0]
         spatial = torch.tensor(label.shape)
@@ -225,8 +225,6 @@ class Degraded(Randomizable, MapTransform):
         self._seed = int(self.R.randint(0, 2**31 - 1))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from medidiff.data.degrade import degrade_with_extras
-
         d = dict(data)
         if self.random:
             self.randomize()

@@ -35,6 +35,7 @@ import torch
 import torchio as tio
 from monai.data import MetaTensor
 
+from medidiff.core.operators import downsample, kspace_mask, undersample
 from medidiff.errors import MedidiffError
 
 __all__ = ["degrade", "degrade_with_extras", "degrade_batch", "interpolate_back", "DEGRADATIONS"]
@@ -135,8 +136,6 @@ def _downsample_average(x: torch.Tensor, factors: list[float], options: dict, ex
     This is exactly the forward model of :class:`medidiff.core.guidance.DownsampleConsistency`, so the
     super-resolution data-consistency step can hold ``downsample(estimate) == low_res`` exactly.
     """
-    from medidiff.core.operators import downsample
-
     if any(f != int(f) for f in factors):
         raise MedidiffError(f"degradation 'downsample' with model 'average' needs integer factors, got {factors}")
     low = downsample(x[None], [int(f) for f in factors])
@@ -155,10 +154,6 @@ def interpolate_back(low: torch.Tensor, factors: Sequence[float], interpolation:
 
 
 def _kspace(x: torch.Tensor, options: dict, affine, generator: torch.Generator, extras) -> torch.Tensor:
-    try:
-        from medidiff.core.operators import kspace_mask, undersample
-    except ImportError as err:  # the core's operators ship separately
-        raise NotImplementedError("k-space undersampling needs medidiff.core.operators") from err
     dims = options.get("dims") or (x.ndim - 1)
     mask = kspace_mask(tuple(x.shape[-dims:]), float(options.get("acceleration", 4)),
                        float(options.get("center_fraction", 0.08)), options.get("pattern", "random"),

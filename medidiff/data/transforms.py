@@ -37,6 +37,7 @@ from monai.transforms import (
     SpatialPadd,
     SqueezeDimd,
 )
+from monai.transforms.utils_pytorch_numpy_unification import percentile
 
 from medidiff.data.cards import DataCard, InputSpec
 from medidiff.data.custom import (
@@ -287,8 +288,6 @@ class IntensityBoundsd(MapTransform):
         self.normalise = dict(normalise)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from monai.transforms.utils_pytorch_numpy_unification import percentile
-
         d = dict(data)
         for key in self.key_iterator(d):
             image, norm = torch.as_tensor(d[key]), self.normalise

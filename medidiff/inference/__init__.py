@@ -19,7 +19,7 @@ from typing import Any
 __all__ = ["Case", "InputOptions", "Model", "Output", "SamplingOptions", "from_checkpoint", "infer", "list_cases",
            "run_case"]
 
-_WHERE = {"InputOptions": "pipeline", "infer": "pipeline", "list_cases": "pipeline", "run_case": "pipeline",
+_WHERE = {"InputOptions": "reading", "infer": "pipeline", "list_cases": "pipeline", "run_case": "pipeline",
           "Model": "model", "SamplingOptions": "model", "from_checkpoint": "model"}
 
 

@@ -20,11 +20,14 @@ file, what the model expects and the ``--allow`` value that overrides.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
+from medidiff import io
+from medidiff.arguments import fits
 from medidiff.errors import MedidiffError
 
 PROFILE_QUANTILES = (0.1, 1.0, 5.0, 50.0, 95.0, 99.0, 99.9)
@@ -54,13 +57,11 @@ def build_contract(datamodule: Any, system: Any) -> dict[str, Any]:
         "spacing": None if card.spacing is None else list(card.spacing), "orientation": card.orientation,
         "degradation": datamodule.degradation, "factors": None if factors is None else [int(f) for f in factors],
         "sampling": system.contract_sampling(), "card": card_summary(card),
-    }
+    } | task.contract_extras(card)
 
 
 def input_entry(spec: Any, files: Iterable[str], dims: int) -> dict[str, Any]:
     """Channels, modality, normalisation and the intensity profile of one image key."""
-    from medidiff import io
-
     images = []
     for file in files:
         image = io.read(file, channels=len(spec.channels)).as_tensor()
@@ -291,7 +292,13 @@ def check_contract(contract: Any, path: Path | str, tasks: Iterable[str]) -> Non
     need(_orientation(orientation), "orientation", orientation, "axis codes such as RAS (one of L/R, A/P, S/I each)")
     factors = contract.get("factors")
     need(factors is None or _ints(factors, 1, 16), "factors", factors, "null or factors of 1..16")
-    for key in ("degradation", "sampling", "card"):
+    target = contract.get("target")
+    if target is not None:
+        norm = target.get("normalise") if isinstance(target, dict) else None
+        bounds = [norm.get("low"), norm.get("high")] if isinstance(norm, dict) else None
+        need(isinstance(norm, dict) and norm.get("method") == "window" and _numbers(bounds) and bounds[0] < bounds[1],
+             "target.normalise", norm, "a window with finite low < high (the units outputs are written in)")
+    for key in ("degradation", "sampling", "card", "target"):
         value = contract.get(key)
         need(value is None or (isinstance(value, dict) and _plain(value)), key, value, "null or a mapping")
 
@@ -347,8 +354,6 @@ def _ints(values: Any, low: int, high: int) -> bool:
 
 
 def _numbers(values: Any, count: int | None = None) -> bool:
-    import math
-
     return isinstance(values, list) and (count is None or len(values) == count) and all(
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
@@ -365,6 +370,4 @@ def _orientation(code: Any) -> bool:
 
 
 def _plain(value: Any) -> bool:
-    from medidiff.arguments import fits
-
     return fits(value, dict[str, Any])

@@ -20,7 +20,10 @@ from medidiff.arguments import MAX_STEPS
 from medidiff.core import SAMPLERS
 from medidiff.core.denoiser import SigmaGrid
 from medidiff.errors import MedidiffError
+from medidiff.fusion_classical import CLASSICAL_FUSION, ClassicalFusion
+from medidiff.lit.registry import load_system
 from medidiff.tasks import Case, Task, task_class
+from medidiff.tasks.fusion import classical_contract
 
 Progress = Callable[[int, int], None]
 
@@ -126,7 +129,6 @@ def from_checkpoint(task: str, checkpoint: str | Path | None, *, device: str = "
     method = options.get("method", "diffusion")
     if checkpoint is None or method != "diffusion":
         return _classical(cls, method, seed, options)
-    from medidiff.lit.registry import load_system
 
     system, _ = load_system(checkpoint, task=task)
     system.to(torch.device(device))
@@ -143,9 +145,6 @@ def from_checkpoint(task: str, checkpoint: str | Path | None, *, device: str = "
 
 
 def _classical(cls: type[Task], method: str, seed: int, options: dict[str, Any]) -> Model:
-    from medidiff.fusion_classical import CLASSICAL_FUSION, ClassicalFusion
-    from medidiff.tasks.fusion import classical_contract
-
     if method == "diffusion":
         raise MedidiffError(f"diffusion {cls.name} needs a trained prior (--ckpt); or choose a classical --method: "
                             f"{', '.join(CLASSICAL_FUSION)}")

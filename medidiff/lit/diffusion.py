@@ -24,6 +24,7 @@ from medidiff.core.padding import crop, level_multiple, pad_to_multiple, per_mem
 from medidiff.core.schedules import BetaScheduleName
 from medidiff.errors import MedidiffError
 from medidiff.lit.system import System
+from medidiff.sliding import SlidingWindowDenoiser
 from medidiff.tasks import Task
 
 
@@ -286,8 +287,6 @@ class DiffusionModule(System):
 
     def _denoiser(self, cond: Tensor | None, members: int, window: tuple[int, ...] | None) -> Callable[..., Tensor]:
         """The denoiser sampling calls: windowed, guided, with the (padded, repeated) condition bound."""
-        from medidiff.sliding import SlidingWindowDenoiser
-
         base = self.denoiser if window is None else SlidingWindowDenoiser(self.denoiser, window)
         if cond is None:
             return base

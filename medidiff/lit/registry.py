@@ -13,10 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from medidiff.arguments import check_arguments, parameters
+from medidiff.callbacks import ChooseSteps
 from medidiff.checkpoint import build_network, read_checkpoint, save_checkpoint
+from medidiff.data.datamodule import MedicalDataModule
 from medidiff.errors import MedidiffError
 from medidiff.inference.contract import check_contract
 from medidiff.lit.diffusion import DiffusionModule
@@ -103,8 +106,6 @@ def system_settings(settings: Any, cls: type, path: str | os.PathLike) -> dict[s
 
 def data_settings(hparams: Any, path: str | os.PathLike) -> dict[str, Any]:
     """The data module's settings recorded in a checkpoint (used again by ``export --validate-steps``), checked."""
-    from medidiff.data.datamodule import MedicalDataModule
-
     if not isinstance(hparams, dict):
         raise MedidiffError("its data settings are not a mapping", path)
     settings = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
@@ -140,10 +141,6 @@ def export(system: System, data: dict[str, Any], path: str | os.PathLike, half: 
 def validate_steps(system: System, data: dict[str, Any], steps: list[int]) -> dict[str, Any]:
     """Choose the sampler step count again on the card's validation split (every validation batch sampled at each
     count, :class:`~medidiff.callbacks.ChooseSteps`) and record it in the system's contract."""
-    import lightning as L
-
-    from medidiff.callbacks import ChooseSteps
-    from medidiff.data.datamodule import MedicalDataModule
 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[ChooseSteps(sorted(set(steps)), batches=10**6)])

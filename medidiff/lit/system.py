@@ -16,6 +16,7 @@ from monai.data import MetaTensor
 from torch import nn
 
 from medidiff.errors import MedidiffError
+from medidiff.inference.contract import build_contract
 from medidiff.tasks import Task
 
 
@@ -61,8 +62,6 @@ class System(L.LightningModule):
     def on_fit_start(self) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "card"):
-            from medidiff.inference.contract import build_contract
-
             self.contract = build_contract(datamodule, self) | {"sampling": self.contract_sampling()}
 
     def contract_sampling(self) -> dict[str, Any] | None:

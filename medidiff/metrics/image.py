@@ -1,4 +1,4 @@
-"""Full-reference image quality: PSNR, SSIM (scikit-image) and NMSE, for 2D and 3D, with an optional mask.
+"""Full-reference image quality: PSNR, SSIM (scikit-image), NMSE and MAE, for 2D and 3D, with an optional mask.
 
 Conventions:
 
@@ -8,6 +8,7 @@ Conventions:
 * SSIM uses scikit-image's defaults otherwise: a 7-voxel uniform window in every spatial axis (2D or 3D),
   K1 = 0.01, K2 = 0.03. Every spatial axis must be at least 7 long.
 * NMSE = ||x - ref||² / ||ref||² (fastMRI's definition); it needs no data range.
+* MAE = mean |x - ref| in the images' own units (HU for CT: the figure synthetic-CT work reports).
 * ``mask`` (boolean, same shape): PSNR and NMSE use only voxels inside it; SSIM averages the full SSIM map
   over voxels inside it (the windows still see their neighbours outside, which keeps the map defined).
 """
@@ -17,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-__all__ = ["psnr", "ssim", "nmse", "image_metrics"]
+__all__ = ["psnr", "ssim", "nmse", "mae", "image_metrics"]
 
 
 def _check(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +90,19 @@ def nmse(pred: np.ndarray, ref: np.ndarray, *, mask: np.ndarray | None = None) -
     return err / norm
 
 
+def mae(pred: np.ndarray, ref: np.ndarray, *, mask: np.ndarray | None = None) -> float:
+    """Mean absolute error ``mean |pred - ref|``, in the images' units.
+
+    Args:
+        pred, ref: images ``(*spatial)``.
+        mask: optional boolean ``(*spatial)``.
+    """
+    pred, ref = _check(pred, ref, mask)
+    if mask is not None:
+        pred, ref = pred[np.asarray(mask, bool)], ref[np.asarray(mask, bool)]
+    return float(np.abs(pred - ref).mean())
+
+
 def image_metrics(
     pred: np.ndarray,
     ref: np.ndarray,
@@ -97,7 +111,7 @@ def image_metrics(
     metrics: tuple[str, ...] = ("psnr", "ssim", "nmse"),
     mask: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Several of :func:`psnr`, :func:`ssim`, :func:`nmse` at once, keyed by name.
+    """Several of :func:`psnr`, :func:`ssim`, :func:`nmse`, :func:`mae` at once, keyed by name.
 
     Args:
         pred, ref: images ``(*spatial)``.
@@ -109,6 +123,7 @@ def image_metrics(
         "psnr": lambda: psnr(pred, ref, data_range=data_range, mask=mask),
         "ssim": lambda: ssim(pred, ref, data_range=data_range, mask=mask),
         "nmse": lambda: nmse(pred, ref, mask=mask),
+        "mae": lambda: mae(pred, ref, mask=mask),
     }
     unknown = [m for m in metrics if m not in table]
     if unknown:

@@ -37,6 +37,7 @@ __all__ = [
     "fuse_staple",
     "ensemble_variance",
     "predictive_entropy",
+    "with_background",
 ]
 
 Labels = Mapping[str, int] | Sequence[int]
@@ -122,7 +123,7 @@ def normalised_surface_dice(
     if not (p.any() and r.any()):
         return 0.0
     spacing = [1.0] * (p.ndim - 2) if spacing is None else [float(s) for s in spacing]
-    both = [torch.cat([~m, m], 1).float() for m in (p, r)]  # background + class, the one-hot MONAI expects
+    both = [with_background(m.float(), axis=1) for m in (p, r)]  # background + class, the one-hot MONAI expects
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         value = compute_surface_dice(both[0], both[1], [float(tolerance)], spacing=spacing)
@@ -257,12 +258,25 @@ def fuse_staple(label_maps: np.ndarray, num_classes: int | None = None) -> np.nd
 # --------------------------------------------------------------------------- uncertainty
 
 
+def with_background(probs: np.ndarray | torch.Tensor, axis: int = 0) -> np.ndarray | torch.Tensor:
+    """A binary foreground probability ``p`` (one channel along ``axis``) as two class probabilities ``[1 - p, p]``
+    (background first) along ``axis``: a numpy array for an array, a tensor for a tensor.
+
+    ``1 - p`` is computed in ``p``'s own dtype (float32 stays float32), so the result equals
+    ``np.concatenate([1 - p, p], axis=axis)`` (``torch.cat`` for a tensor) bit for bit.
+    """
+    if isinstance(probs, torch.Tensor):
+        return torch.cat([1 - probs, probs], dim=axis)
+    p = np.asarray(probs)
+    return np.concatenate([1 - p, p], axis=axis)
+
+
 def _class_probs(probs: np.ndarray) -> np.ndarray:
-    """``(N, K, *spatial)`` -> ``(N, K', *spatial)`` with a background channel added when ``K == 1``."""
+    """``(N, K, *spatial)`` -> ``(N, K', *spatial)`` float64 with a background channel added when ``K == 1``."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim < 3:
         raise ValueError(f"expected ensemble probabilities (N, K, *spatial), got shape {p.shape}")
-    return np.concatenate([1.0 - p, p], axis=1) if p.shape[1] == 1 else p
+    return with_background(p, axis=1) if p.shape[1] == 1 else p
 
 
 def ensemble_variance(probs: np.ndarray) -> np.ndarray:

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from monai.metrics import compute_roc_auc
 
+from medidiff.metrics.segmentation import with_background
+
 __all__ = ["ece", "brier", "nll", "error_auroc", "aurc", "ueo", "ged", "disagreement_auroc", "class_probabilities",
            "uncertainty_metrics"]
 
@@ -32,7 +34,7 @@ __all__ = ["ece", "brier", "nll", "error_auroc", "aurc", "ueo", "ged", "disagree
 def class_probabilities(prob: np.ndarray) -> np.ndarray:
     """``(C, ...)`` class probabilities; a single foreground-probability channel becomes ``[1 - p, p]``."""
     prob = np.asarray(prob, dtype=np.float64)
-    return np.concatenate([1 - prob, prob]) if prob.shape[0] == 1 else prob
+    return with_background(prob, axis=0) if prob.shape[0] == 1 else prob
 
 
 def ece(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:

@@ -4,6 +4,7 @@ Adding a task: a file here with a :class:`Task` subclass, one line in :data:`REG
 card (see the README, "Add your own task").
 """
 
+from medidiff.errors import MedidiffError
 from medidiff.tasks.base import Case, Option, Output, Task
 from medidiff.tasks.fusion import Fusion
 from medidiff.tasks.restoration import Restoration
@@ -12,14 +13,12 @@ from medidiff.tasks.superres import SuperRes
 
 REGISTRY: dict[str, type[Task]] = {cls.name: cls for cls in (Segmentation, Restoration, SuperRes, Fusion)}
 
-__all__ = ["REGISTRY", "Case", "Fusion", "Option", "Output", "Restoration", "Segmentation", "SuperRes", "Task",
-           "task_class", "task_named"]
+__all__ = ["REGISTRY", "Case", "Fusion", "Option", "Output", "Restoration", "Segmentation", "SuperRes",
+           "Task", "task_class", "task_named"]
 
 
 def task_class(name: str) -> type[Task]:
     """The task registered under ``name``; an unknown name is a ``MedidiffError`` listing the known ones."""
-    from medidiff.errors import MedidiffError
-
     if name not in REGISTRY:
         raise MedidiffError(f"unknown task {name!r}; choose one of {', '.join(REGISTRY)}")
     return REGISTRY[name]

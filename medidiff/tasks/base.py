@@ -125,6 +125,11 @@ class Task:
         return {}
 
     @classmethod
+    def contract_extras(cls, card: Any) -> dict[str, Any]:
+        """Fields the contract records beside the inputs (e.g. the units of a synthesised target)."""
+        return {}
+
+    @classmethod
     def card_settings(cls, card: Any) -> dict[str, Any]:
         """Task settings a data card determines (filled into a configuration where null)."""
         return {}
@@ -206,6 +211,10 @@ class Task:
         raise NotImplementedError(f"{self.name} has no supervised baseline")
 
     # --------------------------------------------------------------------------------- inference (files)
+
+    def output_bounds(self, case: Case, contract: dict[str, Any]) -> Tensor:
+        """``(C, 2)`` intensities that an image output's 0 and 1 stand for: the input's scale by default."""
+        return case.images[f"{self.roles[0]}_bounds"]
 
     def extras(self, case: Case, options: dict[str, Any]) -> dict[str, Tensor]:
         """Tensors a case needs beside its images (a k-space mask on its grid)."""

@@ -17,9 +17,11 @@ import torch
 from torch import Tensor
 
 from medidiff.core.fusion_likelihood import FusionLikelihood, GradientTarget, IntensityTarget
+from medidiff.data.cards import load_card
 from medidiff.data.custom import ycbcr_to_rgb
 from medidiff.errors import MedidiffError
 from medidiff.fusion_classical import CLASSICAL_FUSION
+from medidiff.metrics import evaluate as E
 from medidiff.tasks.base import Case, Option, Output, Task, require_inputs
 
 
@@ -109,11 +111,11 @@ class Fusion(Task):
 
     @classmethod
     def evaluate(cls, args: Any) -> dict[str, Any]:
-        from medidiff.metrics import evaluate as E
-
         if args.pairs is None and not (args.source_a and args.source_b):
             raise MedidiffError("fusion evaluation needs --source-a and --source-b (or a --pairs file)")
-        return E.evaluate_fusion(args.pred, args.source_a, args.source_b, out_json=args.out, pairs=args.pairs)
+        card = None if args.card is None else load_card(args.card, check_files=False)
+        return E.evaluate_fusion(args.pred, args.source_a, args.source_b, out_json=args.out, pairs=args.pairs,
+                                 card=card)
 
     # --------------------------------------------------------------------------------- inference
 

@@ -14,7 +14,9 @@ from torch import Tensor
 
 from medidiff.core.guidance import Hook
 from medidiff.core.padding import crop, pad_to_multiple, stride_multiple
+from medidiff.data.cards import load_card
 from medidiff.errors import MedidiffError
+from medidiff.metrics import evaluate as E
 from medidiff.sliding import window_inference
 from medidiff.tasks.base import Case, Option, Output, Task, require_reference
 
@@ -120,11 +122,11 @@ class ImageTask(Task):
 
     @classmethod
     def evaluate(cls, args: Any) -> dict[str, Any]:
-        from medidiff.metrics import evaluate as E
-
-        data_range = args.data_range if args.data_range is not None else _card_range(args.card)
+        card = None if args.card is None else load_card(args.card, check_files=False)
+        data_range = args.data_range if args.data_range is not None else _card_range(card)
         require_reference(args, cls.name)
-        return E.evaluate_image(args.pred, args.ref, data_range=data_range, pairs=args.pairs, out_json=args.out)
+        return E.evaluate_image(args.pred, args.ref, data_range=data_range, pairs=args.pairs, out_json=args.out,
+                                card=card)
 
     # --------------------------------------------------------------------------------- inference
 
@@ -141,13 +143,10 @@ class ImageTask(Task):
 
 
 
-def _card_range(card_name: str | None) -> float | None:
+def _card_range(card: Any) -> float | None:
     """The intensity range of the card's image scale: its window's width (None for percentile cards)."""
-    if card_name is None:
+    if card is None:
         return None
-    from medidiff.data.cards import load_card
-
-    card = load_card(card_name, check_files=False)
     if "image" not in card.inputs:  # a card of two sources names source_a / source_b: no single image scale
         raise MedidiffError(f"has no 'image' input (its inputs: {', '.join(card.inputs)}), so it gives no intensity "
                             "range; give --data-range", card.path)

@@ -16,17 +16,21 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from monai.losses import DiceCELoss, DiceLoss
 from monai.metrics import compute_dice
 from torch import Tensor
 
+from medidiff.data.cards import load_card
 from medidiff.errors import MedidiffError
+from medidiff.metrics import evaluate as E
 from medidiff.metrics.segmentation import (
     ensemble_variance,
     fuse_majority_vote,
     fuse_mean_threshold,
     fuse_staple,
     predictive_entropy,
+    with_background,
 )
 from medidiff.sliding import network_logits
 from medidiff.tasks.base import Case, Option, Output, Task, require_inputs, require_reference
@@ -185,7 +189,7 @@ class Segmentation(Task):
         if region is not None:
             pred, ref = pred * (region > 0), ref * (region > 0)
         if self.num_classes == 2:
-            pred, ref = torch.cat([1 - pred, pred], 1), torch.cat([1 - ref, ref], 1)
+            pred, ref = with_background(pred, axis=1), with_background(ref, axis=1)
         found = int(ref[:, 1:].sum() > 0)  # patches with foreground this epoch (for the warning below)
         self._validation_foreground = (self._validation_foreground or 0) + found
         dice = compute_dice(pred, ref, include_background=False, ignore_empty=True)
@@ -194,8 +198,6 @@ class Segmentation(Task):
     def end_validation(self, sanity_checking: bool) -> None:
         """Warn when no sampled validation patch held any foreground: val/dice was NaN for the whole epoch."""
         if self._validation_foreground == 0 and not sanity_checking:
-            from lightning.pytorch.utilities import rank_zero_warn
-
             rank_zero_warn("validation: no sampled validation patch holds any foreground, so val/dice is NaN; the "
                            "card's val cases may have empty label maps (check label_remap / label_threshold), or "
                            "raise the number of sampled validation batches")
@@ -226,8 +228,6 @@ class Segmentation(Task):
 
     @classmethod
     def evaluate(cls, args: Any) -> dict[str, Any]:
-        from medidiff.metrics import evaluate as E
-
         E.check_nsd_tolerance(args.nsd_tolerance)  # options first: before the card or any file is read
         require_reference(args, cls.name)
         return E.evaluate_segmentation(args.pred, args.ref, card=_reference_card(args.card), region_dir=args.region,
@@ -274,7 +274,7 @@ class Segmentation(Task):
         labels = {"mean": lambda: fuse_mean_threshold(p, self.threshold) if binary else p.mean(0).argmax(0),
                   "vote": lambda: fuse_majority_vote(members, self.num_classes),
                   "staple": lambda: fuse_staple(members, self.num_classes)}[fusion]()
-        class_probs = np.concatenate([1 - p, p], axis=1) if binary else p
+        class_probs = with_background(p, axis=1) if binary else p
         maps = {"seg": np.asarray(labels)[None].astype(np.int16), "prob": p.mean(0),
                 "entropy": predictive_entropy(class_probs)[None],
                 "variance": ensemble_variance(class_probs).sum(0, keepdims=True)}
@@ -298,7 +298,6 @@ def _reference_card(card_name: str | None) -> Any:
     says how their files are read; None without --card."""
     if card_name is None:
         return None
-    from medidiff.data.cards import load_card
 
     card = load_card(card_name, check_files=False)
     if not card.labels:
