@@ -10,10 +10,11 @@ from medidiff.tasks.fusion import Fusion
 from medidiff.tasks.restoration import Restoration
 from medidiff.tasks.segmentation import Segmentation
 from medidiff.tasks.superres import SuperRes
+from medidiff.tasks.synthesis import Synthesis
 
-REGISTRY: dict[str, type[Task]] = {cls.name: cls for cls in (Segmentation, Restoration, SuperRes, Fusion)}
+REGISTRY: dict[str, type[Task]] = {cls.name: cls for cls in (Segmentation, Restoration, SuperRes, Fusion, Synthesis)}
 
-__all__ = ["REGISTRY", "Case", "Fusion", "Option", "Output", "Restoration", "Segmentation", "SuperRes",
+__all__ = ["REGISTRY", "Case", "Fusion", "Option", "Output", "Restoration", "Segmentation", "SuperRes", "Synthesis",
            "Task", "task_class", "task_named"]
 
 
