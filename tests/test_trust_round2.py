@@ -399,3 +399,11 @@ def test_fit_prints_no_lightning_tips(tmp_path, capsys):
     for noise in ("GPU available", "TPU available", "Tip:", "tensorboardX", "LeafSpec", "logging interval",
                   "on_after_batch_transfer", "/-2"):
         assert noise not in text, noise
+
+
+def test_a_data_seed_other_than_the_models_trains_with_the_default_logger(tmp_path):
+    """The model's sampling seed and the data module's augmentation seed are different settings; Lightning refused to
+    log the two under one name (a RuntimeError traceback) whenever they differed."""
+    argv = resume_argv(tmp_path / "run", "x", steps=1)[:-2] + ["--data.seed", "1"]
+    assert main(argv) == 0
+    assert list((tmp_path / "run").rglob("hparams.yaml"))

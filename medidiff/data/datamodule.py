@@ -74,7 +74,7 @@ class MedicalDataModule(LightningDataModule):
         limit_cases: int | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # its seed is not the model's: Lightning would refuse to merge the two
         self.task = task_class(task)
         self.card: DataCard = load_card(card)
         self.spatial_dims = int(spatial_dims or self.card.spatial_dims)

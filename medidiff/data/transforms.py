@@ -290,14 +290,20 @@ class IntensityBoundsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            image, norm = torch.as_tensor(d[key]), self.normalise
-            if norm["method"] == "window":
-                rows = [[float(norm["low"]), float(norm["high"])]] * image.shape[0]
-            else:
-                rows = [[float(percentile(channel, norm["lower"])), float(percentile(channel, norm["upper"]))]
-                        for channel in image]
-            d[f"{key}_bounds"] = torch.tensor(rows, dtype=torch.float64)
+            d[f"{key}_bounds"] = intensity_bounds(torch.as_tensor(d[key]), self.normalise)
         return d
+
+
+def intensity_bounds(image: torch.Tensor, normalise: Mapping[str, Any]) -> torch.Tensor:
+    """``(C, 2)`` float64: the intensities a card's normalisation maps to 0 and 1, per channel of ``(C, ...)`` —
+    a window's bounds, or the image's percentiles through MONAI's own routine (the one
+    ``ScaleIntensityRangePercentilesd`` normalises with)."""
+    if normalise["method"] == "window":
+        rows = [[float(normalise["low"]), float(normalise["high"])]] * image.shape[0]
+    else:
+        rows = [[float(percentile(channel, normalise["lower"])), float(percentile(channel, normalise["upper"]))]
+                for channel in image]
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 def _normaliser(key: str, spec: InputSpec) -> MapTransform:

@@ -28,6 +28,7 @@ import torch
 
 from medidiff import io
 from medidiff.arguments import fits
+from medidiff.data.transforms import intensity_bounds
 from medidiff.errors import MedidiffError
 
 PROFILE_QUANTILES = (0.1, 1.0, 5.0, 50.0, 95.0, 99.0, 99.9)
@@ -102,12 +103,9 @@ def _subsample(image: torch.Tensor) -> torch.Tensor:
 
 
 def percentile_bounds(image: torch.Tensor, normalise: dict[str, Any]) -> torch.Tensor:
-    """``(C, 2)`` intensities that the normalisation maps to 0 and 1, per channel."""
-    channels = image.shape[0]
-    if normalise["method"] == "window":
-        return torch.tensor([[float(normalise["low"]), float(normalise["high"])]] * channels, dtype=torch.float64)
-    levels = torch.tensor([normalise["lower"], normalise["upper"]], dtype=torch.float64) / 100
-    return torch.quantile(_subsample(image).double(), levels, dim=1).T
+    """``(C, 2)`` intensities that the normalisation maps to 0 and 1, per channel, on a subsample of the voxels
+    (quantiles need no more; :func:`medidiff.data.transforms.intensity_bounds` computes them)."""
+    return intensity_bounds(_subsample(image).double(), normalise)
 
 
 def zero_position(image: torch.Tensor, normalise: dict[str, Any]) -> torch.Tensor:

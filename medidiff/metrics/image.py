@@ -30,6 +30,15 @@ def _check(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> tuple[
     return pred, ref
 
 
+def _masked(pred: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Both images as float64, checked, and reduced to the voxels inside ``mask`` when one is given."""
+    pred, ref = _check(pred, ref, mask)
+    if mask is None:
+        return pred, ref
+    inside = np.asarray(mask, bool)
+    return pred[inside], ref[inside]
+
+
 def psnr(pred: np.ndarray, ref: np.ndarray, *, data_range: float, mask: np.ndarray | None = None) -> float:
     """Peak signal-to-noise ratio in dB, ``10 log10(data_range² / MSE)``; ``inf`` when identical.
 
@@ -38,9 +47,7 @@ def psnr(pred: np.ndarray, ref: np.ndarray, *, data_range: float, mask: np.ndarr
         data_range: intensity range of the scale (max - min).
         mask: optional boolean ``(*spatial)``.
     """
-    pred, ref = _check(pred, ref, mask)
-    if mask is not None:
-        pred, ref = pred[np.asarray(mask, bool)], ref[np.asarray(mask, bool)]
+    pred, ref = _masked(pred, ref, mask)
     if np.array_equal(pred, ref):
         return float("inf")  # skimage would divide by zero and warn
     return float(peak_signal_noise_ratio(ref, pred, data_range=data_range))
@@ -81,9 +88,7 @@ def nmse(pred: np.ndarray, ref: np.ndarray, *, mask: np.ndarray | None = None) -
         pred, ref: images ``(*spatial)``.
         mask: optional boolean ``(*spatial)``.
     """
-    pred, ref = _check(pred, ref, mask)
-    if mask is not None:
-        pred, ref = pred[np.asarray(mask, bool)], ref[np.asarray(mask, bool)]
+    pred, ref = _masked(pred, ref, mask)
     err, norm = float(np.sum((pred - ref) ** 2)), float(np.sum(ref**2))
     if norm == 0.0:
         return 0.0 if err == 0.0 else float("inf")
@@ -97,9 +102,7 @@ def mae(pred: np.ndarray, ref: np.ndarray, *, mask: np.ndarray | None = None) ->
         pred, ref: images ``(*spatial)``.
         mask: optional boolean ``(*spatial)``.
     """
-    pred, ref = _check(pred, ref, mask)
-    if mask is not None:
-        pred, ref = pred[np.asarray(mask, bool)], ref[np.asarray(mask, bool)]
+    pred, ref = _masked(pred, ref, mask)
     return float(np.abs(pred - ref).mean())
 
 

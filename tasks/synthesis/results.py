@@ -47,8 +47,8 @@ def train(arm: str, seed: int, minutes: float, out: Path) -> dict:
     """One arm, one seed, ``minutes`` of wall time; returns its checkpoint, steps and seconds."""
     root = out / f"{arm}_seed{seed}"
     last = root / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    start = time.perf_counter()
-    if not last.exists():
+    start, trained = time.perf_counter(), not last.exists()
+    if trained:
         code = medidiff(["fit", "--config", ARMS[arm], "--seed_everything", str(seed), "--data.seed", str(seed),
                          "--trainer.max_time", f"00:00:{int(minutes):02d}:{int(minutes % 1 * 60):02d}",
                          "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"])
@@ -56,7 +56,7 @@ def train(arm: str, seed: int, minutes: float, out: Path) -> dict:
             raise SystemExit(f"training {arm} seed {seed} failed")
     seconds = time.perf_counter() - start
     return {"arm": arm, "seed": seed, "ckpt": str(last), "steps": int(read_checkpoint(last)["global_step"]),
-            "train_seconds": round(seconds, 1)}
+            "train_seconds": round(seconds, 1) if trained else None}
 
 
 def rows_of(run: dict, inputs: Path) -> list[Row]:
@@ -77,6 +77,39 @@ def summary(rows: list[dict]) -> list[dict]:
              "train_steps": [r["train_steps"] for r in group]} for kind, group in kinds.items()]
 
 
+def paired(out: Path, seeds: list[int]) -> dict:
+    """Per test pair, each arm's metric averaged over seeds; diffusion against the UNet: mean difference, pairs on
+    which diffusion is better, Wilcoxon signed-rank p."""
+    from scipy.stats import wilcoxon
+
+    def per_case(name: str) -> dict[str, dict]:
+        return {c["case"]: c for c in json.loads((out / f"{name}.json").read_text())["cases"]}
+
+    arms = {arm: [per_case(f"{arm}_seed{s}") for s in seeds] for arm in ARMS}
+    names = sorted(arms["unet"][0])
+    result = {}
+    for metric, higher in (("psnr", True), ("ssim", True), ("mae", False)):
+        d, u = (np.array([np.mean([run[k][metric] for run in arms[arm]]) for k in names]) for arm in ARMS)
+        better = int((d > u).sum() if higher else (d < u).sum())
+        result[metric] = {"mean_difference": float((d - u).mean()), "diffusion_better": better, "pairs": len(names),
+                          "wilcoxon_p": float(wilcoxon(d, u).pvalue)}
+    return result
+
+
+def picture(out: Path, inputs: Path, refs: Path, case: str, path: Path) -> None:
+    """MRI | diffusion (seed 0) | UNet (seed 0) | CT, for one test pair."""
+    from medidiff import io
+    from medidiff.report import panel
+
+    def upright(file: Path):
+        return np.rot90(io.read(file)[0].numpy(), -1)  # the panel turns arrays stored x first; PNGs are rows first
+
+    views = [("MRI (input)", inputs / f"{case}.png"), ("diffusion", out / "diffusion_seed0" / f"{case}.nii.gz"),
+             ("regression UNet", out / "unet_seed0" / f"{case}.nii.gz"), ("CT (reference)", refs / f"{case}.png")]
+    panel([(caption, upright(file), "image") for caption, file in views], path,
+          f"MR -> CT synthesis, test pair {case} (8 training minutes each)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=8.0, help="training wall time of each model")
@@ -92,9 +125,10 @@ def main() -> None:
             result = run_image_row("synthesis", row, args.out, refs, 255.0)
             rows.append(result | {"train_steps": run["steps"], "train_seconds": run["train_seconds"]})
     report = {"machine": machine(), "minutes": args.minutes, "seeds": args.seeds, "runs": runs, "rows": rows,
-              "summary": summary(rows[1:])}
+              "summary": summary(rows[1:]), "paired": paired(args.out, args.seeds)}
     (args.out / "rows.json").write_text(json.dumps(report, indent=1))
-    print(json.dumps(report["summary"], indent=1))
+    picture(args.out, inputs, refs, "41016", Path(__file__).with_name("harvard_mr_to_ct.png"))
+    print(json.dumps({k: report[k] for k in ("summary", "paired")}, indent=1))
 
 
 if __name__ == "__main__":
